@@ -1,0 +1,358 @@
+"""COCO caption data: datasets, transforms, the length-bucketed batch sampler and the template's `get_loader()`.
+
+Every caption of a batch has the same token length, so batches need no padding; `BucketBatchSampler` makes that a
+proper epoch (each caption exactly once, reshuffled per epoch, split evenly across distributed ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from torch.utils import data
+from torchvision import transforms
+
+from vocabulary import Vocabulary, tokenize_annotations
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_ROOTS = {"coco": "data/coco", "sample": "data/sample"}
+
+
+def build_transform(image_size: int = 224, train: bool = False) -> transforms.Compose:
+    """The seeds' transforms: Resize(256) + RandomCrop(224) + flip for training, CenterCrop for evaluation.
+
+    `image_size` scales the pair (resize to 8/7 of the crop) for small images and fast CPU runs.
+    """
+    resize = round(image_size * 256 / 224)
+    crop = transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)
+    steps = [transforms.Resize(resize), crop]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+transform_train = build_transform(224, train=True)
+transform_eval = build_transform(224, train=False)
+
+
+def dataset_paths(data_name: str = "coco", root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Image folders and annotation files of a dataset laid out by `prepare_data.py` ('coco' or 'sample')."""
+    if data_name not in DATA_ROOTS:
+        raise ValueError(f"unknown dataset {data_name!r}: expected one of {sorted(DATA_ROOTS)}")
+    root = Path(root if root is not None else Path(__file__).resolve().parent / DATA_ROOTS[data_name])
+    if data_name == "coco":
+        return {
+            "root": root,
+            "train_images": root / "images/train2014",
+            "train_annotations": root / "annotations/captions_train2014.json",
+            "val_images": root / "images/val2014",
+            "val_annotations": root / "annotations/captions_val2014.json",
+            "test_images": root / "images/test2014",
+            "test_annotations": root / "annotations/image_info_test2014.json",
+            "karpathy_split": root / "annotations/dataset_coco.json",
+        }
+    return {
+        "root": root,
+        "train_images": root / "images/train",
+        "train_annotations": root / "annotations/captions_train.json",
+        "val_images": root / "images/val",
+        "val_annotations": root / "annotations/captions_val.json",
+        "test_images": root / "images/test",
+        "test_annotations": root / "annotations/image_info_test.json",
+    }
+
+
+class UnreadableImage(Exception):
+    """An image file that is missing or cannot be decoded."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB (COCO has grayscale and CMYK JPEGs); UnreadableImage names the file otherwise."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UnreadableImage(f"{path}: cannot decode image ({e})") from None
+
+
+class _SkipLog:
+    """Remembers unreadable files so each is reported once per process and counted."""
+
+    def __init__(self):
+        self.paths: set[str] = set()
+
+    def skip(self, error: UnreadableImage) -> None:
+        message = str(error)
+        if message not in self.paths:
+            self.paths.add(message)
+            print(f"warning: skipping unreadable image {message}", file=sys.stderr, flush=True)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_coco(annotations_file: str | os.PathLike) -> COCO:
+    """pycocotools' COCO index of a file, with an error naming the file when it is missing or not COCO-format."""
+    if not os.path.exists(annotations_file):
+        raise FileNotFoundError(f"{annotations_file}: annotation file not found")
+    try:
+        coco = COCO(str(annotations_file))
+    except Exception as e:
+        raise ValueError(f"{annotations_file}: not a COCO-format annotation file ({type(e).__name__}: {e})") from None
+    if not isinstance(coco.dataset.get("images"), list):
+        raise ValueError(f"{annotations_file}: not a COCO-format annotation file (no 'images' list)")
+    return coco
+
+
+class CoCoDataset(data.Dataset):
+    """COCO captions for modes 'train' (image, caption ids), 'val' (image, caption ids, image id) and
+    'test' (original image as an array, transformed image). An unreadable image yields None (see `collate_skip`)."""
+
+    def __init__(
+        self,
+        transform,
+        mode: str,
+        batch_size: int,
+        vocab_threshold: int | None,
+        vocab_file: str,
+        start_word: str,
+        end_word: str,
+        unk_word: str,
+        annotations_file: str | os.PathLike,
+        vocab_from_file: bool,
+        img_folder: str | os.PathLike,
+    ):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+        self.transform = transform
+        self.mode = mode
+        self.batch_size = batch_size
+        self.img_folder = Path(img_folder)
+        self.skipped = _SkipLog()
+        self.coco = load_coco(annotations_file)
+        if mode == "test":
+            self.paths = [img["file_name"] for img in self.coco.dataset["images"]]
+            return
+        self.vocab = Vocabulary(
+            vocab_threshold, vocab_file, start_word, end_word, unk_word, str(annotations_file), vocab_from_file
+        )
+        if not self.coco.anns:
+            raise ValueError(f"{annotations_file}: has no caption annotations, cannot be used in {mode} mode")
+        tokens = tokenize_annotations(annotations_file)
+        self.ids = list(self.coco.anns.keys())
+        self.caption_ids = [self.vocab.encode(tokens[i]) for i in self.ids]
+        # Template attribute: token count without <start>/<end>.
+        self.caption_lengths = [len(c) - 2 for c in self.caption_ids]
+        self.image_ids = [self.coco.anns[i]["image_id"] for i in self.ids]
+        self.file_names = {img["id"]: img["file_name"] for img in self.coco.dataset["images"]}
+
+    def get_train_indices(self) -> list[int]:
+        """The template's batch: `batch_size` random captions of one randomly drawn length."""
+        sel_length = np.random.choice(self.caption_lengths)
+        all_indices = np.where(np.array(self.caption_lengths) == sel_length)[0]
+        return list(np.random.choice(all_indices, size=self.batch_size))
+
+    def _image(self, file_name: str):
+        image = load_image(self.img_folder / file_name)
+        return image, self.transform(image)
+
+    def __getitem__(self, index: int):
+        try:
+            if self.mode == "test":
+                original, image = self._image(self.paths[index])
+                return np.array(original), image
+            original, image = self._image(self.file_names[self.image_ids[index]])
+        except UnreadableImage as e:
+            self.skipped.skip(e)
+            return None
+        caption = torch.tensor(self.caption_ids[index], dtype=torch.long)
+        if self.mode == "train":
+            return image, caption
+        return image, caption, self.image_ids[index]
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.mode == "test" else len(self.ids)
+
+
+def collate_skip(batch: list):
+    """Default collation minus the items whose image could not be read; an all-bad batch comes out as None."""
+    kept = [item for item in batch if item is not None]
+    if kept:
+        return data.default_collate(kept)
+    return None
+
+
+class BucketBatchSampler(data.Sampler[list[int]]):
+    """Batches of indices whose items all have the same length: each index exactly once per epoch.
+
+    Within a length bucket the order is shuffled and cut into batches (the last, smaller batch of a bucket is kept);
+    then the batch order is shuffled. The shuffle depends only on (seed, epoch), so every rank of a distributed run
+    computes the same batch list and takes every `num_replicas`-th batch; batches are split until their count divides
+    evenly, so all ranks run the same number of steps on disjoint data.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if len(lengths) < num_replicas:
+            raise ValueError(f"{len(lengths)} items cannot be shared among {num_replicas} ranks")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start_batch = 0
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for index, length in enumerate(self.lengths.tolist()):
+            buckets[length].append(index)
+        self.buckets = {length: np.array(idx) for length, idx in sorted(buckets.items())}
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle; `start_batch` skips that many of this rank's batches (for resuming)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def all_batches(self) -> list[np.ndarray]:
+        """The epoch's batches for all ranks, in order, before they are dealt out."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for indices in self.buckets.values():
+            if self.shuffle:
+                indices = rng.permutation(indices)
+            batches += [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        while len(batches) % self.num_replicas:
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            half = math.ceil(len(batches[largest]) / 2)
+            batch = batches.pop(largest)
+            batches[largest:largest] = [batch[:half], batch[half:]]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.all_batches()[self.rank :: self.num_replicas]
+        start, self.start_batch = self.start_batch, 0
+        for batch in mine[start:]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        n = sum(math.ceil(len(idx) / self.batch_size) for idx in self.buckets.values())
+        return math.ceil(n / self.num_replicas)
+
+
+class ImageFileDataset(data.Dataset):
+    """Transformed images from a list of files, for feature extraction and captioning: (image, index, ok).
+
+    An unreadable file gives a zero image with ok=False, so a batch never breaks and the caller counts it.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform, image_size: int | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+        self.image_size = image_size
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_image(self.paths[index])), index, True
+        except UnreadableImage as e:
+            print(f"warning: skipping unreadable image {e}", file=sys.stderr, flush=True)
+            size = self.image_size or 224
+            return torch.zeros(3, size, size), index, False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def coco_image_files(annotations_file: str | os.PathLike, img_folder: str | os.PathLike) -> tuple[list[int], list[Path]]:
+    """Image ids and file paths of every image listed in a COCO file, in id order."""
+    coco = load_coco(annotations_file)
+    images = sorted(coco.dataset["images"], key=lambda img: img["id"])
+    return [img["id"] for img in images], [Path(img_folder) / img["file_name"] for img in images]
+
+
+def get_loader(
+    transform,
+    mode: str = "train",
+    batch_size: int = 1,
+    vocab_threshold: int | None = None,
+    vocab_file: str = "./vocab.pkl",
+    start_word: str = "<start>",
+    end_word: str = "<end>",
+    unk_word: str = "<unk>",
+    vocab_from_file: bool = True,
+    num_workers: int = 0,
+    cocoapi_loc: str = "/opt",
+    *,
+    annotations_file: str | os.PathLike | None = None,
+    img_folder: str | os.PathLike | None = None,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> data.DataLoader:
+    """The template's loader. Train/val batches come from a `BucketBatchSampler` (one caption length per batch);
+    `annotations_file=`/`img_folder=` point at any COCO-format data instead of the `cocoapi_loc` layout."""
+    if mode not in ("train", "val", "test"):
+        raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+    if mode == "train" and not vocab_from_file and vocab_threshold is None:
+        raise ValueError("to build a vocabulary (vocab_from_file=False) give vocab_threshold")
+    if mode == "val" and not os.path.exists(vocab_file):
+        raise FileNotFoundError(f"{vocab_file}: {mode} mode needs the vocabulary made in train mode")
+    folder = {"train": "train2014", "val": "val2014", "test": "test2014"}[mode]
+    info = {"train": "captions_train2014", "val": "captions_val2014", "test": "image_info_test2014"}[mode]
+    if annotations_file is None:
+        annotations_file = os.path.join(cocoapi_loc, f"cocoapi/annotations/{info}.json")
+    if img_folder is None:
+        img_folder = os.path.join(cocoapi_loc, f"cocoapi/images/{folder}/")
+    dataset = CoCoDataset(
+        transform=transform,
+        mode=mode,
+        batch_size=batch_size,
+        vocab_threshold=vocab_threshold,
+        vocab_file=vocab_file,
+        start_word=start_word,
+        end_word=end_word,
+        unk_word=unk_word,
+        annotations_file=annotations_file,
+        vocab_from_file=vocab_from_file if mode == "train" else True,
+        img_folder=img_folder,
+    )
+    worker_options = {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": pin_memory}
+    if mode == "test":
+        return data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle is not False, collate_fn=collate_skip, **worker_options
+        )
+    sampler = BucketBatchSampler(
+        [len(c) for c in dataset.caption_ids],
+        batch_size,
+        shuffle=(mode == "train") if shuffle is None else shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
+    return data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_skip, **worker_options)

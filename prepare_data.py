@@ -1,0 +1,421 @@
+"""Download, verify and unpack MS COCO 2014 and the Karpathy split; or make the small sample set.
+
+    python prepare_data.py coco --root data/coco                      # everything (about 27 GB of zips)
+    python prepare_data.py coco --root data/coco --only annotations   # captions + Karpathy split only
+    python prepare_data.py coco --root data/coco --check              # is the tree complete? (exit 0 / 2)
+    python prepare_data.py sample --root data/sample --seed 0
+
+Downloads resume (HTTP Range, a `.part` file), are checked against the sizes and md5 sums below and
+retried with exponential backoff; a re-run skips every archive that is already unpacked.
+`--base-url` (or the env var COCO_BASE_URL) points every download at a mirror: BASE_URL/<file name>.
+"""
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One file to download and where its contents go under the data root."""
+
+    name: str  # file name; a mirror serves it as BASE_URL/name
+    url: str  # official location
+    size: int | None  # exact size in bytes, None where not known for sure
+    md5: str | None  # md5 hex digest, None where not known for sure
+    group: str  # "annotations" or "images", what --only selects
+    dest: str  # folder under the root that the zip is unpacked into
+    provides: str  # path under the root that must exist after unpacking
+    unpacked_bytes: int  # rough disk space the unpacked contents take (for the free-space check)
+    members: tuple[str, ...] | None = None  # unpack only members with these base names (flat), None = all
+
+
+COCO = "http://images.cocodataset.org"
+KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+GB = 10**9
+
+# The downloads, in the order they are fetched (small caption files first).
+ARCHIVES: tuple[Archive, ...] = (
+    Archive("annotations_trainval2014.zip", f"{COCO}/annotations/annotations_trainval2014.zip",
+            252_872_794, "0a379cfc70b0e71301e0f377548639bd",
+            "annotations", ".", "annotations/captions_train2014.json", 1 * GB),
+    Archive("image_info_test2014.zip", f"{COCO}/annotations/image_info_test2014.zip",
+            None, None,
+            "annotations", ".", "annotations/image_info_test2014.json", GB // 100),
+    Archive("caption_datasets.zip", KARPATHY,
+            None, None,
+            "annotations", "annotations", "annotations/dataset_coco.json", GB // 5, ("dataset_coco.json",)),
+    Archive("val2014.zip", f"{COCO}/zips/val2014.zip",
+            6_645_013_297, "a3d79f5ed8d289b7a7554ce06a5782b3",
+            "images", "images", "images/val2014", 7 * GB),
+    Archive("train2014.zip", f"{COCO}/zips/train2014.zip",
+            13_510_573_713, "0da8c0bd3d6becc4dcb32757491aca88",
+            "images", "images", "images/train2014", 14 * GB),
+    Archive("test2014.zip", f"{COCO}/zips/test2014.zip",
+            6_660_437_059, "04127eef689ceac55e3a572c2c92f264",
+            "images", "images", "images/test2014", 7 * GB),
+)
+
+# What a complete tree holds; tests replace these with the counts of their small trees.
+EXPECTED_IMAGES = {"train2014": 82_783, "val2014": 40_504, "test2014": 40_775}
+EXPECTED_ANNOTATIONS = {
+    "captions_train2014.json": ("images", "annotations"),
+    "captions_val2014.json": ("images", "annotations"),
+    "image_info_test2014.json": ("images",),
+    "dataset_coco.json": ("images",),
+}
+
+TIMEOUT_SECONDS = 60
+CHUNK_BYTES = 1 << 20
+MAX_BACKOFF_SECONDS = 60.0
+RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
+TRANSIENT_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+class PrepareError(Exception):
+    """A problem the user has to act on; the CLI prints it as one line and exits with 2."""
+
+
+class TransientError(Exception):
+    """A failed attempt that is worth retrying (dropped connection, timeout, HTTP 5xx)."""
+
+
+def file_md5(path: Path) -> str:
+    """The md5 hex digest of a file, read in chunks (with a bar for big files)."""
+    digest = hashlib.md5()
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"md5 {path.name}",
+                                     disable=size < 100 * 2**20) as bar:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) from a Content-Range header such as 'bytes 100-199/200' or 'bytes */200'."""
+    match = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (header or "").strip())
+    if not match:
+        return None, None
+    start, total = match.groups()
+    return (int(start) if start else None), (int(total) if total != "*" else None)
+
+
+def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
+    """One HTTP attempt: append the rest of url to part, resuming with a Range request where part has bytes."""
+    offset = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and offset >= expected_size:
+        if offset == expected_size:
+            return
+        part.unlink()
+        offset = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "prepare_data.py"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            if _content_range(err.headers.get("Content-Range"))[1] == offset:
+                return  # the part file already holds the whole file
+            part.unlink()
+            raise TransientError(f"the server refused to resume at byte {offset}; starting over") from None
+        if err.code in RETRY_HTTP_CODES:
+            raise TransientError(f"HTTP {err.code} {err.reason}") from None
+        raise PrepareError(f"{url}: HTTP {err.code} {err.reason}") from None
+    with response:
+        if offset and (response.status != 206 or _content_range(response.headers.get("Content-Range"))[0] != offset):
+            offset = 0  # the server ignored the Range request: take the whole file from the start
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        if expected_size is not None and total is not None and total != expected_size:
+            raise PrepareError(f"{url}: the server has {total:,} bytes, expected {expected_size:,}")
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, desc=part.name.removesuffix(".part")
+        ) as bar:
+            while chunk := response.read(CHUNK_BYTES):
+                f.write(chunk)
+                bar.update(len(chunk))
+    received = part.stat().st_size
+    if total is not None and received != total:
+        raise TransientError(f"connection closed after {received:,} of {total:,} bytes")
+
+
+def download(url: str, dest: str | Path, expected_size: int | None = None, md5: str | None = None,
+             retries: int = 5, backoff: float = 2.0) -> Path:
+    """Stream url to dest via dest.part (resumed across attempts and runs), verify it, then rename it to dest."""
+    dest = Path(dest)
+    if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
+        return dest  # only verified files are ever renamed to dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, expected_size)
+            break
+        except (TransientError, *TRANSIENT_ERRORS) as err:
+            reason = getattr(err, "reason", None) or err
+            if attempt == retries:
+                raise PrepareError(f"{url}: {reason} (gave up after {retries + 1} attempts)") from None
+            delay = min(backoff * 2**attempt, MAX_BACKOFF_SECONDS)
+            print(f"{dest.name}: {reason}; retrying in {delay:.1f} s", file=sys.stderr)
+            time.sleep(delay)
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        part.unlink()
+        raise PrepareError(f"{url}: got {size:,} bytes, expected {expected_size:,}; removed it, run again")
+    if md5 is not None and (actual := file_md5(part)) != md5:
+        part.unlink()
+        raise PrepareError(f"{url}: md5 is {actual}, expected {md5}; removed it, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def _safe_target(dest: Path, member: str) -> Path:
+    """Where a zip member goes under dest; refuses absolute paths and '..' that would escape dest."""
+    path = PurePosixPath(member)
+    target = (dest / path).resolve()
+    if path.is_absolute() or ".." in path.parts or not target.is_relative_to(dest):
+        raise PrepareError(f"unsafe path in zip: {member!r} would land outside {dest}")
+    return target
+
+
+def extract_zip(archive: Path, dest: Path, members: tuple[str, ...] | None = None) -> int:
+    """Unpack archive into dest (each file written atomically, nothing outside dest); returns the file count."""
+    dest.mkdir(parents=True, exist_ok=True)
+    dest = dest.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = [info for info in zf.infolist() if not info.is_dir()]
+            if members is not None:
+                infos = [info for info in infos if PurePosixPath(info.filename).name in members]
+            for info in tqdm(infos, desc=f"unpack {archive.name}", unit="file", disable=len(infos) < 1000):
+                name = PurePosixPath(info.filename).name if members is not None else info.filename
+                target = _safe_target(dest, name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
+                with zf.open(info) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK_BYTES)
+                os.replace(tmp, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise PrepareError(f"{archive}: not a valid zip file ({err})") from None
+    return len(infos)
+
+
+def _marker(root: Path, archive: Archive) -> Path:
+    """The file recording that archive was unpacked completely."""
+    return root / "downloads" / f"{archive.name}.done"
+
+
+def is_unpacked(root: Path, archive: Archive) -> bool:
+    """True when archive's marker matches the table (size, md5) and what it provides is still there."""
+    try:
+        record = json.loads(_marker(root, archive).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        (archive.size is None or record.get("size") == archive.size)
+        and (archive.md5 is None or record.get("md5") == archive.md5)
+        and (root / archive.provides).exists()
+    )
+
+
+def bytes_needed(root: Path, archives: list[Archive], keep_archives: bool = False) -> int:
+    """Disk space still needed: unpacked estimates plus the downloads (only the biggest if zips are deleted)."""
+    pending = [a for a in archives if not is_unpacked(root, a)]
+    downloads = []
+    for archive in pending:
+        zip_path = root / "downloads" / archive.name
+        part = zip_path.with_name(zip_path.name + ".part")
+        have = zip_path.stat().st_size if zip_path.exists() else part.stat().st_size if part.exists() else 0
+        downloads.append(max((archive.size or 0) - have, 0))
+    unpacked = sum(a.unpacked_bytes for a in pending)
+    return unpacked + (sum(downloads) if keep_archives else max(downloads, default=0))
+
+
+def ensure_disk_space(root: Path, needed: int, free: int | None = None) -> None:
+    """Raise a PrepareError naming the shortfall in GB when free (default: measured at root) is below needed."""
+    free = shutil.disk_usage(root).free if free is None else free
+    if needed > free:
+        raise PrepareError(
+            f"{root}: not enough disk space: need about {needed / GB:.1f} GB, {free / GB:.1f} GB free "
+            f"({(needed - free) / GB:.1f} GB short)"
+        )
+
+
+def link_cocoapi_layout(root: Path) -> None:
+    """Make ROOT/cocoapi/{images,annotations} (relative symlinks) so get_loader(cocoapi_loc=ROOT) finds the data."""
+    cocoapi = root / "cocoapi"
+    cocoapi.mkdir(exist_ok=True)
+    for name in ("images", "annotations"):
+        link, target = cocoapi / name, Path("..") / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.exists() or link.is_symlink():
+            raise PrepareError(f"{link}: already exists and is not a link to {target}; move it away")
+        link.symlink_to(target, target_is_directory=True)
+
+
+def _select(only: str | None) -> list[Archive]:
+    """The archives that --only picks (all when only is None)."""
+    if only not in (None, "images", "annotations"):
+        raise PrepareError(f"--only must be 'images' or 'annotations', not {only!r}")
+    return [a for a in ARCHIVES if only in (None, a.group)]
+
+
+def prepare_coco(root: str | Path, only: str | None = None, base_url: str | None = None,
+                 cocoapi_layout: bool = False, *, keep_archives: bool = False, retries: int = 5,
+                 backoff: float = 2.0) -> None:
+    """Download and unpack what is missing under root (see ARCHIVES), skipping archives already unpacked."""
+    root = Path(root)
+    base_url = base_url or os.environ.get("COCO_BASE_URL")
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise PrepareError(f"base URL must start with http:// or https://: {base_url!r}")
+    archives = _select(only)
+    root.mkdir(parents=True, exist_ok=True)
+    ensure_disk_space(root, bytes_needed(root, archives, keep_archives))
+    for archive in archives:
+        if is_unpacked(root, archive):
+            print(f"{archive.name}: already unpacked, skipping")
+            continue
+        url = f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
+        zip_path = download(url, root / "downloads" / archive.name, archive.size, archive.md5, retries, backoff)
+        try:
+            count = extract_zip(zip_path, root / archive.dest, archive.members)
+        except PrepareError as err:
+            zip_path.unlink()
+            raise PrepareError(f"{err}; removed it, run again to download it afresh") from None
+        if not (root / archive.provides).exists():
+            zip_path.unlink()
+            raise PrepareError(f"{url}: unpacking it gave no {archive.provides}; is it the right file?")
+        record = {"url": url, "size": zip_path.stat().st_size, "md5": archive.md5, "files": count}
+        marker = _marker(root, archive)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, marker)
+        if not keep_archives:
+            zip_path.unlink()
+        print(f"{archive.name}: unpacked {count:,} files into {root / archive.dest}")
+    if cocoapi_layout:
+        link_cocoapi_layout(root)
+
+
+def _check_annotation(path: Path, keys: tuple[str, ...]) -> str | None:
+    """What is wrong with one annotation file, or None."""
+    if not path.is_file():
+        return f"{path}: missing"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{path}: not valid JSON ({err})"
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    return f"{path}: no {', '.join(repr(k) for k in missing)} key" if missing else None
+
+
+def check_coco(root: str | Path, only: str | None = None, cocoapi_layout: bool = False) -> list[str]:
+    """Problems with the tree under root (image counts, annotation JSON); an empty list means complete."""
+    root = Path(root)
+    problems = []
+    if only in (None, "images"):
+        for split, expected in EXPECTED_IMAGES.items():
+            folder = root / "images" / split
+            if not folder.is_dir():
+                problems.append(f"{folder}: missing (expected {expected:,} images)")
+                continue
+            count = sum(1 for entry in os.scandir(folder) if entry.name.lower().endswith(".jpg"))
+            if count != expected:
+                problems.append(f"{folder}: {count:,} of {expected:,} images")
+    if only in (None, "annotations"):
+        for name, keys in EXPECTED_ANNOTATIONS.items():
+            problem = _check_annotation(root / "annotations" / name, keys)
+            if problem:
+                problems.append(problem)
+    if cocoapi_layout:
+        for name in ("images", "annotations"):
+            link = root / "cocoapi" / name
+            if not link.is_dir():
+                problems.append(f"{link}: missing (run with --cocoapi-layout)")
+    return problems
+
+
+def _report(root: Path, problems: list[str]) -> int:
+    """Print the problems (or that all is well) and return the exit code."""
+    for problem in problems:
+        print(f"missing or broken: {problem}")
+    if problems:
+        print(f"{root}: incomplete ({len(problems)} problem{'s' if len(problems) > 1 else ''})")
+        return 2
+    print(f"{root}: complete")
+    return 0
+
+
+def run_coco(args: argparse.Namespace) -> int:
+    """The `coco` subcommand: check, or download + unpack and then check."""
+    if not args.check:
+        prepare_coco(args.root, args.only, args.base_url, args.cocoapi_layout,
+                     keep_archives=args.keep_archives, retries=args.retries, backoff=args.backoff)
+    return _report(args.root, check_coco(args.root, args.only, args.cocoapi_layout))
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """The `sample` subcommand: write the small generated dataset."""
+    from sample_data import make_sample_dataset
+
+    print(make_sample_dataset(args.root, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: subcommands `coco` and `sample`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    coco = commands.add_parser("coco", help="download, unpack or check COCO 2014 and the Karpathy split")
+    coco.add_argument("--root", type=Path, default=Path("data/coco"), help="data folder (default: data/coco)")
+    coco.add_argument("--only", choices=("annotations", "images"), help="only the caption files or only the images")
+    coco.add_argument("--base-url", default=os.environ.get("COCO_BASE_URL"),
+                      help="mirror to download from, as BASE_URL/<file name> (env: COCO_BASE_URL)")
+    coco.add_argument("--cocoapi-layout", action="store_true",
+                      help="also link ROOT/cocoapi/{images,annotations} for get_loader(cocoapi_loc=ROOT)")
+    coco.add_argument("--check", action="store_true", help="only verify the tree: exit 0 if complete, else 2")
+    coco.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking them")
+    coco.add_argument("--retries", type=int, default=5, help="retries per download (default: 5)")
+    coco.add_argument("--backoff", type=float, default=2.0,
+                      help="first retry delay in seconds, doubled each retry (default: 2)")
+    coco.set_defaults(run=run_coco)
+    sample = commands.add_parser("sample", help="write the small generated sample dataset")
+    sample.add_argument("--root", type=Path, default=Path("data/sample"), help="data folder (default: data/sample)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.set_defaults(run=run_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors become one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (PrepareError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""A small synthetic captioning dataset in COCO's format: coloured shapes with five captions each.
+
+It lets the notebooks, CLIs and tests run end to end without downloading COCO. The images are learnable from
+the features of a frozen, randomly initialised ResNet-50 (no ImageNet weights offline), and every caption
+stays true when the image is mirrored left-right (the feature cache also stores mirrored views), so no
+caption says "left" or "right".
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+FORMAT_VERSION = 1
+MARKER = ".sample_complete.json"
+SPLITS = ("train", "val", "test")
+ANNOTATION_FILES = {
+    "train": "captions_train.json",
+    "val": "captions_val.json",
+    "test": "image_info_test.json",
+}
+
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 55, 180),
+    "orange": (245, 135, 30),
+}
+BACKGROUNDS = {"white": (248, 248, 248), "gray": (195, 195, 195), "black": (25, 25, 25)}
+BACKGROUND_WEIGHTS = (0.45, 0.3, 0.25)
+SHAPES = ("circle", "square", "triangle")
+SHAPE_WORDS = {"circle": ("circle", "circle", "circle", "dot", "disk"),
+               "square": ("square", "square", "square", "box", "block"),
+               "triangle": ("triangle",)}
+PLURALS = {"circle": "circles", "dot": "dots", "disk": "disks", "square": "squares", "box": "boxes",
+           "block": "blocks", "triangle": "triangles"}
+SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "big", "big")}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+ODD_SIZES = ((112, 80), (80, 112), (72, 100), (100, 72), (128, 96), (96, 128))
+ODD_SIZE_RATE = 0.15
+GRAY_EVERY, GRAY_AT = 20, 9  # images with index % 20 == 9 are grayscale: 5%, at places tests can rely on
+CMYK_AT = 4  # image 4 of each split is saved as CMYK: three in the set, so RGB conversion is exercised
+SUPERSAMPLE = 2  # draw at twice the size and downsample, for smooth edges like a photo
+
+
+@dataclass
+class Shape:
+    """One drawn object: what it is and where, in pixels of the final image."""
+
+    kind: str
+    colour: str
+    size: str  # "small", "medium" or "large"; only small and large are named in captions
+    x: float
+    y: float
+    radius: float
+
+
+@dataclass
+class Scene:
+    """Everything needed to draw an image and caption it."""
+
+    width: int
+    height: int
+    layout: str  # "single", "group" (same shape and colour) or "pair" (one above the other)
+    arrangement: str  # "row", "column" or "scattered" for groups, "" otherwise
+    background: str
+    textured: bool
+    gray: bool
+    cmyk: bool
+    shapes: list[Shape] = field(default_factory=list)
+
+
+def _pick(rng: np.random.Generator, options):
+    """Choose one element of a sequence uniformly."""
+    return options[int(rng.integers(len(options)))]
+
+
+def _luminance(rgb) -> float:
+    """ITU-R 601 luma, the one PIL uses for convert('L')."""
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _safe_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """Region where objects go: the central square, inset so that center and random crops keep them."""
+    side = min(width, height)
+    margin = 0.11 * side
+    x0, y0 = (width - side) / 2 + margin, (height - side) / 2 + margin
+    return x0, y0, x0 + side - 2 * margin, y0 + side - 2 * margin
+
+
+def _make_scene(rng: np.random.Generator, index: int) -> Scene:
+    """Draw the random content of image number `index` of a split."""
+    width, height = _pick(rng, ODD_SIZES) if rng.random() < ODD_SIZE_RATE else (96, 96)
+    gray = index % GRAY_EVERY == GRAY_AT
+    scene = Scene(width, height, layout="", arrangement="", background="", textured=bool(rng.random() < 0.3),
+                  gray=gray, cmyk=index == CMYK_AT and not gray)
+    x0, y0, x1, y1 = _safe_box(width, height)
+    unit = min(width, height) / 96
+    layout = _pick(rng, ("single", "single", "group", "group", "pair"))
+    scene.layout = layout
+    if layout == "single":
+        size = _pick(rng, ("small", "large"))
+        radius = unit * (rng.uniform(10, 13) if size == "small" else rng.uniform(24, 30))
+        x, y = rng.uniform(x0 + radius, x1 - radius), rng.uniform(y0 + radius, y1 - radius)
+        scene.shapes = [Shape(_pick(rng, SHAPES), _pick(rng, list(COLOURS)), size, x, y, radius)]
+    elif layout == "group":
+        count = int(rng.integers(2, 4))
+        kind, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+        radius = unit * (rng.uniform(12, 16) if count == 2 else rng.uniform(9, 11.5))
+        scene.arrangement = _pick(rng, ("row", "column", "scattered"))
+        centres = _group_centres(rng, count, radius, (x0, y0, x1, y1), scene.arrangement)
+        scene.shapes = [Shape(kind, colour, "medium", x, y, radius) for x, y in centres]
+    else:
+        scene.shapes = _pair_shapes(rng, unit, (x0, y0, x1, y1))
+    _pick_background(rng, scene)
+    return scene
+
+
+def _group_centres(rng: np.random.Generator, count: int, radius: float, box, arrangement: str):
+    """Centres of `count` equal objects in a row, a column or scattered without overlap."""
+    x0, y0, x1, y1 = box
+    gap = radius * 0.35
+    if arrangement in ("row", "column"):
+        lo, hi = (x0, x1) if arrangement == "row" else (y0, y1)
+        span = 2 * radius * count + gap * (count - 1)
+        start = rng.uniform(lo, hi - span) + radius
+        along = [start + i * (2 * radius + gap) for i in range(count)]
+        other_lo, other_hi = (y0, y1) if arrangement == "row" else (x0, x1)
+        across = rng.uniform(other_lo + radius, other_hi - radius)
+        return [(a, across) if arrangement == "row" else (across, a) for a in along]
+    while True:
+        centres = []
+        for _ in range(200):
+            x, y = rng.uniform(x0 + radius, x1 - radius), rng.uniform(y0 + radius, y1 - radius)
+            if all(np.hypot(x - cx, y - cy) > 2 * radius + gap for cx, cy in centres):
+                centres.append((x, y))
+                if len(centres) == count:
+                    return centres
+
+
+def _pair_shapes(rng: np.random.Generator, unit: float, box) -> list[Shape]:
+    """Two objects that differ in shape or colour (or both), one clearly above the other."""
+    x0, y0, x1, y1 = box
+    while True:
+        top = (_pick(rng, SHAPES), _pick(rng, list(COLOURS)))
+        bottom = (_pick(rng, SHAPES), _pick(rng, list(COLOURS)))
+        if top != bottom:
+            break
+    sizes = [_pick(rng, ("small", "large")) for _ in range(2)]
+    radii = [unit * (rng.uniform(9, 11) if size == "small" else rng.uniform(15, 17)) for size in sizes]
+    gap = unit * 4
+    spare = (y1 - y0) - 2 * radii[0] - 2 * radii[1] - gap
+    top_y = y0 + radii[0] + rng.uniform(0, spare / 2)
+    bottom_y = y1 - radii[1] - rng.uniform(0, spare / 2)
+    return [Shape(kind, colour, size, rng.uniform(x0 + radius, x1 - radius), y, radius)
+            for (kind, colour), size, radius, y in zip((top, bottom), sizes, radii, (top_y, bottom_y), strict=True)]
+
+
+def _pick_background(rng: np.random.Generator, scene: Scene) -> None:
+    """Choose a background that every object stands out from (in luminance when the image is grayscale)."""
+    names = list(BACKGROUNDS)
+    while True:
+        name = names[int(rng.choice(len(names), p=BACKGROUND_WEIGHTS))]
+        contrast = min(abs(_luminance(COLOURS[s.colour]) - _luminance(BACKGROUNDS[name])) for s in scene.shapes)
+        if not scene.gray or contrast > 50:
+            scene.background = name
+            return
+
+
+def _polygon(shape: Shape, scale: float, turn: float) -> list[tuple[float, float]]:
+    """Corner points of a square or an upright triangle, turned by `turn` radians."""
+    if shape.kind == "square":
+        angles, reach = np.pi / 4 + np.arange(4) * np.pi / 2, shape.radius * 1.13
+    else:
+        angles, reach = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3, shape.radius * 1.2
+    angles = angles + turn
+    cy = shape.y + (0.2 * shape.radius if shape.kind == "triangle" else 0)  # centre the triangle's bounding box
+    return [(scale * (shape.x + reach * np.cos(a)), scale * (cy + reach * np.sin(a))) for a in angles]
+
+
+def _render(rng: np.random.Generator, scene: Scene) -> Image.Image:
+    """Paint the scene: background (plain or lightly noisy), then the shapes with slightly jittered colours."""
+    scale = SUPERSAMPLE
+    size = (scene.width * scale, scene.height * scale)
+    base = np.array(BACKGROUNDS[scene.background], dtype=np.float32) + rng.uniform(-6, 6, size=3)
+    pixels = np.broadcast_to(base, (size[1], size[0], 3)).copy()
+    if scene.textured:
+        pixels += rng.normal(0, 14, size=pixels.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        fill = tuple(int(c) for c in np.clip(np.array(COLOURS[shape.colour]) + rng.integers(-15, 16, 3), 0, 255))
+        if shape.kind == "circle":
+            r = shape.radius
+            draw.ellipse([scale * (shape.x - r), scale * (shape.y - r), scale * (shape.x + r), scale * (shape.y + r)],
+                         fill=fill)
+        else:
+            draw.polygon(_polygon(shape, scale, rng.uniform(-0.15, 0.15)), fill=fill)
+    image = image.resize((scene.width, scene.height), Image.Resampling.BOX)
+    if scene.gray:
+        return image.convert("L")
+    return image.convert("CMYK") if scene.cmyk else image
+
+
+def _article(phrase: str) -> str:
+    """Prefix 'a' or 'an'."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _noun(rng: np.random.Generator, shape: Shape, gray: bool, count: int = 1, sized: bool = True) -> str:
+    """'small red circle', 'blue boxes', ... without article or number; no colour in grayscale images."""
+    word = _pick(rng, SHAPE_WORDS[shape.kind])
+    words = [PLURALS[word] if count > 1 else word]
+    if not gray:
+        words.insert(0, shape.colour)
+    if sized and shape.size in SIZE_WORDS:
+        words.insert(0, _pick(rng, SIZE_WORDS[shape.size]))
+    return " ".join(words)
+
+
+def _vertical_place(scene: Scene, shape: Shape) -> str:
+    """'near the top', 'in the middle', ... for a small object whose height in the picture is clear, else ''."""
+    _, y0, _, y1 = _safe_box(scene.width, scene.height)
+    where = (shape.y - y0) / (y1 - y0)
+    if where < 0.3:
+        return "near the top"
+    if where > 0.7:
+        return "near the bottom"
+    return "in the middle" if 0.4 < where < 0.6 else ""
+
+
+def _single_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of a one-object image, and whether it is a noun phrase (so may get a prefix)."""
+    shape, bg = scene.shapes[0], _background_word(rng, scene)
+    obj = _article(_noun(rng, shape, scene.gray, sized=rng.random() < 0.8))
+    place = _vertical_place(scene, shape) if shape.size == "small" else ""
+    options = [
+        (obj, True),
+        (f"{obj} on a {bg} background", True),
+        (f"a single {_noun(rng, shape, scene.gray)}", True),
+        (f"one {_noun(rng, shape, scene.gray)} on a {bg} background", True),
+        (f"a {bg} background with {obj}", True),
+        (f"a picture of {obj}", False),
+        (f"there is {obj} in the picture", False),
+        (f"a drawing of {obj} on a {bg} background", False),
+    ]
+    if place:
+        options += [(f"{obj} {place}", True), (f"{obj} {place} of the image", True)]
+    return _pick(rng, options)
+
+
+def _group_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of an image with two or three equal objects."""
+    shape, count, bg = scene.shapes[0], len(scene.shapes), _background_word(rng, scene)
+    objs = f"{NUMBERS[count]} {_noun(rng, shape, scene.gray, count)}"
+    options = [
+        (objs, True),
+        (f"{objs} on a {bg} background", True),
+        (f"a picture of {objs}", False),
+        (f"there are {objs} in the picture", False),
+        (f"a group of {objs}" if count == 3 else f"a pair of {_noun(rng, shape, scene.gray, 2)}", True),
+    ]
+    if scene.arrangement == "row":
+        options += [(f"{objs} in a row", True), (f"a row of {objs}", True), (f"{objs} side by side", True),
+                    (f"{objs} next to each other on a {bg} background", True)]
+    elif scene.arrangement == "column":
+        options += [(f"{objs} stacked on top of each other", True), (f"a column of {objs}", True),
+                    (f"{objs} one above the other", True), (f"{objs} in a vertical line", True)]
+    else:
+        options += [(f"{objs} scattered on a {bg} background", True), (f"{objs} spread out", True)]
+    return _pick(rng, options)
+
+
+def _pair_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of an image with two different objects, one above the other."""
+    top, bottom = scene.shapes
+    if scene.gray and top.kind == bottom.kind:  # in gray they differ only in shade: say so plainly
+        noun = _pick(rng, SHAPE_WORDS[top.kind])
+        return _pick(rng, [(f"two {PLURALS[noun]} one above the other", True),
+                           (f"two {PLURALS[noun]} stacked on top of each other", True),
+                           (f"a {noun} above another {noun}", True)])
+    sized = top.size != bottom.size and rng.random() < 0.7
+    a, b = (_article(_noun(rng, s, scene.gray, sized=sized)) for s in (top, bottom))
+    bg = _background_word(rng, scene)
+    return _pick(rng, [
+        (f"{a} above {b}", True),
+        (f"{b} below {a}", True),
+        (f"{a} over {b}", True),
+        (f"{b} under {a}", True),
+        (f"{a} and {b}", True),
+        (f"{a} above {b} on a {bg} background", True),
+        (f"{a} at the top and {b} at the bottom", True),
+        (f"{a} with {b} below it", True),
+        (f"two shapes , {a} above {b}", True),
+        (f"a picture of {a} and {b}", False),
+    ])
+
+
+def _background_word(rng: np.random.Generator, scene: Scene) -> str:
+    """Name of the background colour, with the two spellings of gray."""
+    return _pick(rng, ("gray", "grey")) if scene.background == "gray" else scene.background
+
+
+def _captions(rng: np.random.Generator, scene: Scene, count: int = 5) -> list[str]:
+    """`count` different captions in COCO's loose style (some capitalised, some with a full stop)."""
+    compose = {"single": _single_caption, "group": _group_caption, "pair": _pair_caption}[scene.layout]
+    captions: list[str] = []
+    while len(captions) < count:
+        text, is_phrase = compose(rng, scene)
+        if scene.gray and is_phrase and (rng.random() < 0.6 or len(captions) == 0):
+            text = _pick(rng, ("a black and white picture of ", "a black and white photo of ",
+                               "a grayscale image of ")) + text
+        ending = rng.random()
+        text = text + (" ." if ending < 0.3 else "." if ending < 0.5 else "")
+        if rng.random() < 0.5:
+            text = text[0].upper() + text[1:]
+        if text.lower().rstrip(" .") not in {c.lower().rstrip(" .") for c in captions}:
+            captions.append(text)
+    return captions
+
+
+def _write_split(folder: Path, split: str, image_ids: list[int], rng: np.random.Generator,
+                 first_caption_id: int) -> tuple[list[dict], list[dict], list[Scene]]:
+    """Write the JPEGs of one split; return its COCO image and caption records and the scenes drawn."""
+    folder.mkdir(parents=True)
+    images, annotations, scenes = [], [], []
+    caption_id = first_caption_id
+    for index, image_id in enumerate(tqdm(image_ids, desc=f"sample {split}", unit="img", leave=False)):
+        scene = _make_scene(rng, index)
+        file_name = f"{split}_{image_id:012d}.jpg"
+        _render(rng, scene).save(folder / file_name, "JPEG", quality=90)
+        images.append({"license": 1, "file_name": file_name, "height": scene.height, "width": scene.width,
+                       "date_captured": "2024-01-01 00:00:00", "id": image_id})
+        if split != "test":
+            for text in _captions(rng, scene):
+                annotations.append({"image_id": image_id, "id": caption_id, "caption": text})
+                caption_id += 1
+        scenes.append(scene)
+    return images, annotations, scenes
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def _generate(folder: Path, seed: int, counts: dict[str, int]) -> dict:
+    """Write images and annotation files of all splits into `folder`; return counts."""
+    total = sum(counts.values())
+    id_rng = np.random.default_rng([seed, 0])
+    all_ids = (id_rng.choice(999_999, size=total, replace=False) + 1).tolist()  # COCO-like: sparse, unique
+    info = {"description": f"Synthetic shapes captioning sample, seed {seed}, made by sample_data.py",
+            "version": str(FORMAT_VERSION), "year": 2024, "contributor": "sample_data.py",
+            "date_created": "2024/01/01"}
+    licenses = [{"id": 1, "name": "Public Domain (generated)", "url": ""}]
+    (folder / "annotations").mkdir(parents=True)
+    stats = {"captions": 0, "grayscale": 0, "cmyk": 0}
+    start = 0
+    for number, split in enumerate(SPLITS, start=1):
+        ids = all_ids[start:start + counts[split]]
+        start += counts[split]
+        images, annotations, scenes = _write_split(folder / "images" / split, split, ids,
+                                                   np.random.default_rng([seed, number]), number * 10_000_000)
+        data = {"info": info, "licenses": licenses, "images": images}
+        if split != "test":
+            data["annotations"] = annotations
+        _write_json(folder / "annotations" / ANNOTATION_FILES[split], data)
+        stats[split] = len(images)
+        stats["captions"] += len(annotations)
+        stats["grayscale"] += sum(s.gray for s in scenes)
+        stats["cmyk"] += sum(s.cmyk for s in scenes)
+    return stats
+
+
+def _read_marker(path: Path) -> dict | None:
+    """Contents of a completion marker, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_val: int = 250,
+                        n_test: int = 100) -> dict:
+    """Generate the sample set under `root` (or keep it if already complete for these parameters); return stats.
+
+    The set is built in a temporary folder beside `root` and renamed into place, so `root` is either absent,
+    a complete earlier set, or the complete new one. The same seed gives byte-identical files.
+    """
+    started = time.perf_counter()
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    for split, count in counts.items():
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"n_{split} must be a non-negative integer, got {count!r}")
+    root = Path(root)
+    params = {"version": FORMAT_VERSION, "seed": seed, **{f"n_{split}": n for split, n in counts.items()}}
+    marker = _read_marker(root / MARKER)
+    if marker is not None and marker.get("params") == params:
+        return {**marker["stats"], "root": str(root), "created": False,
+                "seconds": round(time.perf_counter() - started, 3)}
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / MARKER).exists())):
+        raise FileExistsError(f"{root}: exists and is not a sample set made by sample_data.py (no {MARKER}); "
+                              "remove it or choose another root")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    old = tmp.with_name(tmp.name + "-old")
+    try:
+        stats = _generate(tmp, seed, counts)
+        _write_json(tmp / MARKER, {"params": params, "stats": stats})
+        if root.exists():
+            os.rename(root, old)
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return {**stats, "root": str(root), "created": True, "seconds": round(time.perf_counter() - started, 3)}
