@@ -75,6 +75,10 @@ def dataset_paths(data_name: str = "coco", root: str | os.PathLike | None = None
 class UnreadableImage(Exception):
     """An image file that is missing or cannot be decoded."""
 
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as RGB (COCO has grayscale and CMYK JPEGs); UnreadableImage names the file otherwise."""
@@ -82,9 +86,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError:
-        raise UnreadableImage(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UnreadableImage(f"{path}: cannot decode image ({e})") from None
+        raise UnreadableImage(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, "not an image file (cannot identify its format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UnreadableImage(path, f"cannot decode image ({e})") from None
 
 
 class _SkipLog:
@@ -94,10 +100,9 @@ class _SkipLog:
         self.paths: set[str] = set()
 
     def skip(self, error: UnreadableImage) -> None:
-        message = str(error)
-        if message not in self.paths:
-            self.paths.add(message)
-            print(f"warning: skipping unreadable image {message}", file=sys.stderr, flush=True)
+        if error.path not in self.paths:
+            self.paths.add(error.path)
+            print(f"warning: skipping unreadable image {error}", file=sys.stderr, flush=True)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -160,9 +165,15 @@ class CoCoDataset(data.Dataset):
 
     def get_train_indices(self) -> list[int]:
         """The template's batch: `batch_size` random captions of one randomly drawn length."""
-        sel_length = np.random.choice(self.caption_lengths)
-        all_indices = np.where(np.array(self.caption_lengths) == sel_length)[0]
+        lengths = self._length_array()
+        sel_length = np.random.choice(lengths)
+        all_indices = np.where(lengths == sel_length)[0]
         return list(np.random.choice(all_indices, size=self.batch_size))
+
+    def _length_array(self) -> np.ndarray:
+        if getattr(self, "_lengths", None) is None or len(self._lengths) != len(self.caption_lengths):
+            self._lengths = np.array(self.caption_lengths)
+        return self._lengths
 
     def _image(self, file_name: str):
         image = load_image(self.img_folder / file_name)
@@ -201,6 +212,10 @@ class BucketBatchSampler(data.Sampler[list[int]]):
     then the batch order is shuffled. The shuffle depends only on (seed, epoch), so every rank of a distributed run
     computes the same batch list and takes every `num_replicas`-th batch; batches are split until their count divides
     evenly, so all ranks run the same number of steps on disjoint data.
+
+    Template notebooks assign `loader.batch_sampler.sampler = SubsetRandomSampler(dataset.get_train_indices())`
+    before each `next(iter(loader))`; while `sampler` is set, an iteration yields that sampler's indices as
+    batches instead (as the template's BatchSampler did). Set it back to None for proper epochs.
     """
 
     def __init__(
@@ -226,6 +241,7 @@ class BucketBatchSampler(data.Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self.start_batch = 0
+        self.sampler: data.Sampler | None = None
         buckets: dict[int, list[int]] = defaultdict(list)
         for index, length in enumerate(self.lengths.tolist()):
             buckets[length].append(index)
@@ -254,6 +270,9 @@ class BucketBatchSampler(data.Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.sampler is not None:
+            yield from data.BatchSampler(self.sampler, self.batch_size, drop_last=False)
+            return
         mine = self.all_batches()[self.rank :: self.num_replicas]
         start, self.start_batch = self.start_batch, 0
         for batch in mine[start:]:

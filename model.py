@@ -6,13 +6,18 @@ Attribute names match the Udacity CVND template, so `encoder-N.pkl` / `decoder-N
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
+
+from vocabulary import Vocabulary
 
 FEATURE_SIZE = 2048  # ResNet-50's pooled output
 START_ID, END_ID = 0, 1  # fixed by Vocabulary: <start>, <end>, <unk> are ids 0, 1, 2
@@ -59,6 +64,8 @@ class EncoderCNN(nn.Module):
     `train_cnn=True` its last block (`resnet.7`, layer4) receives gradients for fine-tuning.
     """
 
+    image_size = 224  # side of the square crop it expects; `load_encoder` sets it from train_config.json
+
     def __init__(
         self,
         embed_size: int = 512,
@@ -99,7 +106,13 @@ class EncoderCNN(nn.Module):
 
 
 class DecoderRNN(nn.Module):
-    """LSTM language model conditioned on the image: the image embedding is its first input."""
+    """LSTM language model conditioned on the image: the image embedding is its first input.
+
+    Decoding (all batched over images, all on `step`): `greedy_search`, `beam_search`, `sample_search`, and the
+    template's one-image `sample`. They return generated ids as the template's `sample()` does: starting with the
+    model's first prediction (for a trained model that is <start>) and ending with <end> when it was generated;
+    `Vocabulary.decode` turns them into words.
+    """
 
     def __init__(
         self, embed_size: int, hidden_size: int, vocab_size: int, num_layers: int = 1, dropout: float = 0.0
@@ -127,16 +140,393 @@ class DecoderRNN(nn.Module):
     @torch.no_grad()
     def sample(self, inputs: torch.Tensor, states=None, max_len: int = 20) -> list[int]:
         """The template's greedy decoding of one image embedding ([1, 1, E]): predicted ids, up to <end>."""
-        inputs = inputs.reshape(1, -1)
-        ids: list[int] = []
+        return self.greedy_search(inputs.reshape(1, -1), max_len, states=states)[0]
+
+    @torch.no_grad()
+    def greedy_search(
+        self, features: torch.Tensor, max_len: int = 20, end_id: int = END_ID, states=None
+    ) -> list[list[int]]:
+        """Most likely next word at every step, for a batch of image embeddings [B, E]; ties go to the lower id."""
+        return self._generate(features, lambda logits: logits.argmax(-1), max_len, end_id, states)
+
+    @torch.no_grad()
+    def sample_search(
+        self,
+        features: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        max_len: int = 20,
+        end_id: int = END_ID,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Random captions for diversity: each word drawn from softmax(logits / temperature), optionally only
+        among the `top_k` most likely words (0: all). `generator` (on the features' device) makes it repeatable."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, not {temperature}")
+
+        def draw(logits: torch.Tensor) -> torch.Tensor:
+            logits = logits.float() / temperature
+            if top_k > 0:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+        return self._generate(features, draw, max_len, end_id)
+
+    def _generate(
+        self, features: torch.Tensor, pick, max_len: int, end_id: int, states=None
+    ) -> list[list[int]]:
+        """Feed each picked word back in until every sequence has emitted <end> or `max_len` words."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, not {max_len}")
+        inputs, words = features, []
+        finished = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
         for _ in range(max_len):
             logits, states = self.step(inputs, states)
-            word = logits.argmax(-1)
-            ids.append(int(word))
-            if ids[-1] == END_ID:
+            word = pick(logits)
+            words.append(word)
+            finished |= word == end_id
+            if bool(finished.all()):  # the one host sync per step
                 break
             inputs = self.embed(word)
-        return ids
+        return [cut_at_end(ids, end_id) for ids in torch.stack(words, 1).tolist()]
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        features: torch.Tensor,
+        beam_size: int = 3,
+        max_len: int = 20,
+        length_penalty: float = 0.0,
+        top_n: int | None = None,
+        end_id: int = END_ID,
+    ):
+        """Beam search over a batch of image embeddings [B, E]: all images and beams in one tensor program.
+
+        A hypothesis is ranked by its log-probability divided by len**length_penalty, len counting its ids
+        (<end> included). The default 0 ranks by plain log-probability, as Show and Tell's beam search does; with it
+        beam_size=1 gives exactly `greedy_search`. Larger values favour longer captions.
+
+        Every step extends the live beams by every word and keeps the 2*beam_size best candidates; those among the
+        best beam_size that end with <end> move to a pool of finished hypotheses (the beam_size best are kept), the
+        beam_size best others stay live. At `max_len` the best candidates are finished as they are. An image is
+        done when no live beam can still beat the worst finished one; the loop stops when all images are done.
+        Equal scores go to the higher-ranked beam, then to the lower word id (as argmax does).
+
+        Returns per image the best id sequence; with `top_n` (<= beam_size) a list of up to top_n
+        (ids, score) pairs, best first, where score is the ranking score above.
+        """
+        if beam_size < 1 or max_len < 1:
+            raise ValueError(f"beam_size and max_len must be >= 1, not {beam_size} and {max_len}")
+        if length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, not {length_penalty}")
+        if top_n is not None and not 1 <= top_n <= beam_size:
+            raise ValueError(f"top_n must be between 1 and beam_size={beam_size}, not {top_n}")
+        batch, k, vocab_size, device = features.shape[0], beam_size, self.vocab_size, features.device
+        minus_inf = float("-inf")
+        rank = torch.arange(2 * k, device=device)
+        # Beams of one image are adjacent rows. Only beam 0 is live at first, so the beams do not start as copies.
+        inputs, states = features.repeat_interleave(k, dim=0), None
+        live_scores = torch.full((batch, k), minus_inf, device=device)
+        live_scores[:, 0] = 0.0
+        live_ids = torch.full((batch, k, max_len), end_id, dtype=torch.long, device=device)
+        done_scores = torch.full((batch, k), minus_inf, device=device)
+        done_ids = torch.full((batch, k, max_len), end_id, dtype=torch.long, device=device)
+        done_lengths = torch.zeros((batch, k), dtype=torch.long, device=device)
+        for t in range(max_len):
+            length, last = t + 1, t == max_len - 1
+            logits, states = self.step(inputs, states)
+            log_probs = logits.float().log_softmax(-1).view(batch, k, vocab_size)
+            scores, index = top_k_first((live_scores.unsqueeze(-1) + log_probs).view(batch, -1), 2 * k)
+            beam, word = index // vocab_size, index % vocab_size
+            ids = live_ids.gather(1, beam.unsqueeze(-1).expand(-1, -1, max_len))
+            ids[:, :, t] = word
+            ended = word == end_id
+            # Finished: the best k candidates that emitted <end> (or all best k at max_len), merged into the pool.
+            finishing = (rank < k) & (ended | last)
+            new_scores = torch.where(finishing, scores / length**length_penalty, minus_inf)
+            merged_scores, keep = torch.cat((done_scores, new_scores), 1).sort(
+                dim=1, descending=True, stable=True
+            )
+            done_scores, keep = merged_scores[:, :k], keep[:, :k]
+            done_ids = torch.cat((done_ids, ids), 1).gather(1, keep.unsqueeze(-1).expand(-1, -1, max_len))
+            done_lengths = torch.cat((done_lengths, torch.full_like(new_scores, length, dtype=torch.long)), 1)
+            done_lengths = done_lengths.gather(1, keep)
+            if last:
+                break
+            # Live: the best k candidates that did not emit <end>.
+            live = torch.argsort(rank + ended * 2 * k, dim=1, stable=True)[:, :k]
+            live_scores, live_ids = (
+                scores.gather(1, live),
+                ids.gather(1, live.unsqueeze(-1).expand(-1, -1, max_len)),
+            )
+            rows = (torch.arange(batch, device=device).unsqueeze(1) * k + beam.gather(1, live)).view(-1)
+            states = tuple(s.index_select(1, rows) for s in states)
+            inputs = self.embed(word.gather(1, live).view(-1))
+            # A live score only falls as words are added; divided by the longest length it is an upper bound.
+            best_possible = live_scores.max(1).values / max_len**length_penalty
+            if bool((done_scores[:, -1] >= best_possible).all()):
+                break
+        scores_list, ids_list, lengths = done_scores.tolist(), done_ids.tolist(), done_lengths.tolist()
+        if top_n is None:
+            return [ids_list[b][0][: lengths[b][0]] for b in range(batch)]
+        return [
+            [
+                (ids_list[b][j][: lengths[b][j]], scores_list[b][j])
+                for j in range(top_n)
+                if scores_list[b][j] > minus_inf
+            ]
+            for b in range(batch)
+        ]
+
+
+def cut_at_end(ids: list[int], end_id: int = END_ID) -> list[int]:
+    """The ids up to and including the first <end>."""
+    return ids[: ids.index(end_id) + 1] if end_id in ids else ids
+
+
+def top_k_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk` along the last dim whose ties go to the lower index, as argmax does, on every backend.
+
+    topk leaves the order of equal values open; here the selected ones are put in index order, and when the k-th
+    value is tied with values left out (rare outside hand-made models) a stable sort of the whole row decides.
+    """
+    values, indices = scores.topk(k, dim=-1)
+    if bool(((scores >= values[..., -1:]).sum(-1) > k).any()):
+        values, indices = scores.sort(dim=-1, descending=True, stable=True)
+        return values[..., :k], indices[..., :k]
+    indices, order = indices.sort(dim=-1)
+    values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+    return values, indices.gather(-1, order)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading published weights: encoder-N.pkl / decoder-N.pkl / vocab.pkl of this project and of the CVND family
+# ---------------------------------------------------------------------------------------------------------------
+
+EMBEDDING_NAMES = ("embed", "word_embeddings", "embedding", "caption_embeddings")
+OUTPUT_NAMES = ("fc", "hidden2vocab", "linear", "FC")
+TRAIN_CONFIG = "train_config.json"
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot or must not be loaded; the message names the file and says why in one line."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a `torch.save(module.state_dict())` file (zip or PyTorch 0.4 legacy format), on the CPU.
+
+    Loads with `weights_only=True`: a file that needs full unpickling could run any code and is refused.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except FileNotFoundError:
+        raise WeightsFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise WeightsFileError(f"{path}: cannot read ({e.strerror})") from None
+    if head.startswith(b"version https://git-lfs"):
+        raise WeightsFileError(
+            f"{path}: this is a Git LFS pointer, not the weights; run `git lfs pull` to fetch them"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL (\S+)", str(e))  # weights_only met a class or function it will not call
+        if refused:
+            raise WeightsFileError(
+                f"{path}: needs full unpickling (it references {refused.group(1)}), which can run arbitrary code, "
+                "so it is not loaded for safety; if you trust it, re-save its state_dict() with torch.save"
+            ) from None
+        raise WeightsFileError(f"{path}: truncated or corrupt weights file (not a readable pickle)") from None
+    except EOFError:
+        raise WeightsFileError(f"{path}: truncated or corrupt weights file (it ends early)") from None
+    except OSError:  # the file was readable above: this is torch failing to parse it
+        raise WeightsFileError(f"{path}: truncated or corrupt weights file (not a complete archive)") from None
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        reason = lines[0].split(". ")[0] if lines else type(e).__name__
+        raise WeightsFileError(f"{path}: truncated or corrupt weights file ({reason})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsFileError(f"{path}: not a state dict (a dict of tensors), got {type(state).__name__}")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> EncoderCNN:
+    """An EncoderCNN with the weights of an `encoder-N.pkl`, in eval mode on `device`.
+
+    The embed size comes from `embed.weight`; BatchNorm counters missing from old files are added;
+    `image_size` comes from a train_config.json beside the file (else 224).
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    image_size = read_image_size(path.parent)
+    if any(k.endswith("weight_ih_l0") for k in state):
+        raise WeightsFileError(
+            f"{path}: this is a decoder weights file (it has LSTM weights), not an encoder"
+        )
+    embed = state.get("embed.weight")
+    if embed is None or embed.dim() != 2 or embed.shape[1] != FEATURE_SIZE or "embed.bias" not in state:
+        raise WeightsFileError(f"{path}: not an encoder weights file (needs embed.weight of shape [E, 2048])")
+    if not any(k.startswith("resnet.") for k in state):
+        raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):  # no random init of 25M weights that are about to be replaced
+        encoder = EncoderCNN(embed.shape[0], pretrained=False)
+    try:
+        encoder.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise WeightsFileError(f"{path}: not a ResNet-50 encoder of this layout ({_mismatch(e)})") from None
+    encoder.image_size = image_size
+    return encoder.to(device).eval()
+
+
+def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> DecoderRNN:
+    """A DecoderRNN with the weights of a `decoder-N.pkl`, in eval mode on `device`.
+
+    Sizes and layer count are read from the shapes; the embedding and output layers are found by role and shape
+    under any of the names used in the CVND family (`word_embeddings`, `hidden2vocab`, ...).
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    if any(k.startswith("resnet.") for k in state):
+        raise WeightsFileError(
+            f"{path}: this is an encoder weights file (it has resnet.* weights), not a decoder"
+        )
+    lstm = next((k.removesuffix("weight_ih_l0") for k in state if k.endswith("weight_ih_l0")), None)
+    if lstm is None:
+        raise WeightsFileError(
+            f"{path}: not a decoder weights file (no LSTM weights such as lstm.weight_ih_l0)"
+        )
+    if any(k.startswith(lstm) and k.endswith("_reverse") for k in state):
+        raise WeightsFileError(f"{path}: has a bidirectional LSTM, which a caption decoder cannot use")
+    num_layers = 0
+    while f"{lstm}weight_ih_l{num_layers}" in state:
+        num_layers += 1
+    embed_size, hidden_size = state[f"{lstm}weight_ih_l0"].shape[1], state[f"{lstm}weight_hh_l0"].shape[1]
+    if state[f"{lstm}weight_ih_l0"].shape[0] != 4 * hidden_size:
+        raise WeightsFileError(f"{path}: the recurrent layer is not an LSTM (a GRU or RNN?)")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.startswith(lstm):
+            module, _, name = key.rpartition(".")
+            layers.setdefault(module, {})[name] = tensor
+
+    def is_embedding(p):
+        return p.keys() == {"weight"} and p["weight"].dim() == 2 and p["weight"].shape[1] == embed_size
+
+    def is_output(p):
+        return (
+            p.keys() == {"weight", "bias"}
+            and p["weight"].dim() == 2
+            and p["weight"].shape[1] == hidden_size
+            and p["bias"].shape == p["weight"].shape[:1]
+        )
+
+    embedding = _find_layer(layers, EMBEDDING_NAMES, is_embedding, "word embedding", path)
+    output = _find_layer(layers, OUTPUT_NAMES, is_output, "output layer", path)
+    vocab_size = layers[embedding]["weight"].shape[0]
+    if layers[output]["weight"].shape[0] != vocab_size:
+        raise WeightsFileError(
+            f"{path}: the embedding has {vocab_size} words but the output layer {layers[output]['weight'].shape[0]}"
+        )
+    extra = sorted(set(layers) - {embedding, output})
+    if extra:
+        raise WeightsFileError(f"{path}: has layers this DecoderRNN does not have: {', '.join(extra)}")
+    renamed = {"embed.weight": layers[embedding]["weight"], "fc.weight": layers[output]["weight"]}
+    renamed["fc.bias"] = layers[output]["bias"]
+    for layer in range(num_layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            key = f"{name}_l{layer}"
+            # An LSTM saved with bias=False is the same as one with zero biases.
+            renamed[f"lstm.{key}"] = state.get(f"{lstm}{key}", torch.zeros(4 * hidden_size))
+    decoder = DecoderRNN(embed_size, hidden_size, vocab_size, num_layers)
+    try:
+        decoder.load_state_dict(renamed, strict=True)
+    except RuntimeError as e:
+        raise WeightsFileError(f"{path}: not an LSTM decoder of this layout ({_mismatch(e)})") from None
+    return decoder.to(device).eval()
+
+
+def _find_layer(layers: dict, names: tuple[str, ...], fits, role: str, path: Path) -> str:
+    """The layer that plays `role`: the first of the usual names that fits, else the only layer that fits."""
+    for name in names:
+        if name in layers and fits(layers[name]):
+            return name
+    fitting = [name for name, params in layers.items() if fits(params)]
+    if len(fitting) == 1:
+        return fitting[0]
+    found = f"candidates {', '.join(fitting)}" if fitting else f"layers {', '.join(layers) or 'none'}"
+    raise WeightsFileError(f"{path}: cannot tell which layer is the {role} ({found})")
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """The first line of load_state_dict's complaint, shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
+    return text[:300]
+
+
+def read_image_size(folder: str | os.PathLike) -> int:
+    """The crop size recorded in `folder/train_config.json` by train.py, or 224 when there is none."""
+    path = Path(folder) / TRAIN_CONFIG
+    if not path.exists():
+        return EncoderCNN.image_size
+    try:
+        size = json.loads(path.read_text()).get("image_size", EncoderCNN.image_size)
+    except (OSError, ValueError, AttributeError) as e:
+        raise WeightsFileError(f"{path}: not a readable training config ({e})") from None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise WeightsFileError(f"{path}: image_size must be a positive integer, not {size!r}")
+    return size
+
+
+def load_pretrained(
+    encoder_path: str | os.PathLike,
+    decoder_path: str | os.PathLike,
+    vocab_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+) -> tuple[EncoderCNN, DecoderRNN, Vocabulary]:
+    """Encoder, decoder (eval mode, on `device`) and vocabulary of saved weights, checked against each other."""
+    device = resolve_device(device)
+    vocab = Vocabulary.load(vocab_path)
+    decoder = load_decoder(decoder_path, device)
+    if len(vocab) != decoder.vocab_size:
+        raise WeightsFileError(
+            f"{vocab_path}: has {len(vocab)} words but {decoder_path} predicts {decoder.vocab_size}; a rebuilt "
+            "vocabulary garbles captions, use the vocab.pkl the model was trained with"
+        )
+    encoder = load_encoder(encoder_path, device)
+    if encoder.embed.out_features != decoder.embed_size:
+        raise WeightsFileError(
+            f"{encoder_path}: embeds images to {encoder.embed.out_features} values but {decoder_path} expects "
+            f"{decoder.embed_size}; are they from the same training run?"
+        )
+    return encoder, decoder, vocab
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' is the GPU when there is one (CUDA, then Apple MPS), else the CPU; other names are checked."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
+    return device
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike) -> None:

@@ -116,7 +116,7 @@ def _content_range(header: str | None) -> tuple[int | None, int | None]:
 
 
 def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
-    """One HTTP attempt: append the rest of url to part, resuming with a Range request where part has bytes."""
+    """One HTTP attempt: append the rest of url to part, resuming with a Range request if part has bytes."""
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None and offset >= expected_size:
         if offset == expected_size:
@@ -138,7 +138,8 @@ def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
             raise TransientError(f"HTTP {err.code} {err.reason}") from None
         raise PrepareError(f"{url}: HTTP {err.code} {err.reason}") from None
     with response:
-        if offset and (response.status != 206 or _content_range(response.headers.get("Content-Range"))[0] != offset):
+        resumed_at = _content_range(response.headers.get("Content-Range"))[0] if response.status == 206 else 0
+        if offset and resumed_at != offset:
             offset = 0  # the server ignored the Range request: take the whole file from the start
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
@@ -157,7 +158,7 @@ def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
 
 def download(url: str, dest: str | Path, expected_size: int | None = None, md5: str | None = None,
              retries: int = 5, backoff: float = 2.0) -> Path:
-    """Stream url to dest via dest.part (resumed across attempts and runs), verify it, then rename it to dest."""
+    """Stream url to dest.part (resumed across attempts and runs), verify it, then rename it to dest."""
     dest = Path(dest)
     if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
         return dest  # only verified files are ever renamed to dest
@@ -195,7 +196,7 @@ def _safe_target(dest: Path, member: str) -> Path:
 
 
 def extract_zip(archive: Path, dest: Path, members: tuple[str, ...] | None = None) -> int:
-    """Unpack archive into dest (each file written atomically, nothing outside dest); returns the file count."""
+    """Unpack archive into dest (files written atomically, nothing outside dest); return the file count."""
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
     try:
@@ -203,14 +204,18 @@ def extract_zip(archive: Path, dest: Path, members: tuple[str, ...] | None = Non
             infos = [info for info in zf.infolist() if not info.is_dir()]
             if members is not None:
                 infos = [info for info in infos if PurePosixPath(info.filename).name in members]
-            for info in tqdm(infos, desc=f"unpack {archive.name}", unit="file", disable=len(infos) < 1000):
-                name = PurePosixPath(info.filename).name if members is not None else info.filename
-                target = _safe_target(dest, name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".tmp")
-                with zf.open(info) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK_BYTES)
-                os.replace(tmp, target)
+            total = sum(info.file_size for info in infos)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"unpack {archive.name}",
+                      disable=total < 100 * 2**20) as bar:
+                for info in infos:
+                    name = PurePosixPath(info.filename).name if members is not None else info.filename
+                    target = _safe_target(dest, name)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(target.name + ".tmp")
+                    with zf.open(info) as src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out, CHUNK_BYTES)
+                    os.replace(tmp, target)
+                    bar.update(info.file_size)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise PrepareError(f"{archive}: not a valid zip file ({err})") from None
     return len(infos)
@@ -235,7 +240,7 @@ def is_unpacked(root: Path, archive: Archive) -> bool:
 
 
 def bytes_needed(root: Path, archives: list[Archive], keep_archives: bool = False) -> int:
-    """Disk space still needed: unpacked estimates plus the downloads (only the biggest if zips are deleted)."""
+    """Disk space still needed: unpacked estimates plus downloads (only the biggest if zips get deleted)."""
     pending = [a for a in archives if not is_unpacked(root, a)]
     downloads = []
     for archive in pending:
@@ -248,7 +253,7 @@ def bytes_needed(root: Path, archives: list[Archive], keep_archives: bool = Fals
 
 
 def ensure_disk_space(root: Path, needed: int, free: int | None = None) -> None:
-    """Raise a PrepareError naming the shortfall in GB when free (default: measured at root) is below needed."""
+    """Raise a PrepareError naming the shortfall in GB if free (default: measured at root) is below needed."""
     free = shutil.disk_usage(root).free if free is None else free
     if needed > free:
         raise PrepareError(
@@ -258,7 +263,7 @@ def ensure_disk_space(root: Path, needed: int, free: int | None = None) -> None:
 
 
 def link_cocoapi_layout(root: Path) -> None:
-    """Make ROOT/cocoapi/{images,annotations} (relative symlinks) so get_loader(cocoapi_loc=ROOT) finds the data."""
+    """Link ROOT/cocoapi/{images,annotations} (relative symlinks) for get_loader(cocoapi_loc=ROOT)."""
     cocoapi = root / "cocoapi"
     cocoapi.mkdir(exist_ok=True)
     for name in ("images", "annotations"):
@@ -293,7 +298,8 @@ def prepare_coco(root: str | Path, only: str | None = None, base_url: str | None
             print(f"{archive.name}: already unpacked, skipping")
             continue
         url = f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
-        zip_path = download(url, root / "downloads" / archive.name, archive.size, archive.md5, retries, backoff)
+        zip_path = root / "downloads" / archive.name
+        download(url, zip_path, archive.size, archive.md5, retries, backoff)
         try:
             count = extract_zip(zip_path, root / archive.dest, archive.members)
         except PrepareError as err:
@@ -348,7 +354,7 @@ def check_coco(root: str | Path, only: str | None = None, cocoapi_layout: bool =
     if cocoapi_layout:
         for name in ("images", "annotations"):
             link = root / "cocoapi" / name
-            if not link.is_dir():
+            if only in (None, name) and not link.is_dir():
                 problems.append(f"{link}: missing (run with --cocoapi-layout)")
     return problems
 
@@ -356,7 +362,7 @@ def check_coco(root: str | Path, only: str | None = None, cocoapi_layout: bool =
 def _report(root: Path, problems: list[str]) -> int:
     """Print the problems (or that all is well) and return the exit code."""
     for problem in problems:
-        print(f"missing or broken: {problem}")
+        print(f"  {problem}")
     if problems:
         print(f"{root}: incomplete ({len(problems)} problem{'s' if len(problems) > 1 else ''})")
         return 2
@@ -386,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     coco = commands.add_parser("coco", help="download, unpack or check COCO 2014 and the Karpathy split")
     coco.add_argument("--root", type=Path, default=Path("data/coco"), help="data folder (default: data/coco)")
-    coco.add_argument("--only", choices=("annotations", "images"), help="only the caption files or only the images")
-    coco.add_argument("--base-url", default=os.environ.get("COCO_BASE_URL"),
+    coco.add_argument("--only", choices=("annotations", "images"),
+                      help="only the caption files or only the images")
+    coco.add_argument("--base-url",
                       help="mirror to download from, as BASE_URL/<file name> (env: COCO_BASE_URL)")
     coco.add_argument("--cocoapi-layout", action="store_true",
                       help="also link ROOT/cocoapi/{images,annotations} for get_loader(cocoapi_loc=ROOT)")
@@ -398,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first retry delay in seconds, doubled each retry (default: 2)")
     coco.set_defaults(run=run_coco)
     sample = commands.add_parser("sample", help="write the small generated sample dataset")
-    sample.add_argument("--root", type=Path, default=Path("data/sample"), help="data folder (default: data/sample)")
+    sample.add_argument("--root", type=Path, default=Path("data/sample"),
+                        help="data folder (default: data/sample)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.set_defaults(run=run_sample)
     return parser

@@ -115,7 +115,7 @@ def _make_scene(rng: np.random.Generator, index: int) -> Scene:
     elif layout == "group":
         count = int(rng.integers(2, 4))
         kind, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
-        radius = unit * (rng.uniform(12, 16) if count == 2 else rng.uniform(9, 11.5))
+        radius = unit * (rng.uniform(12, 16) if count == 2 else rng.uniform(9, 11))
         scene.arrangement = _pick(rng, ("row", "column", "scattered"))
         centres = _group_centres(rng, count, radius, (x0, y0, x1, y1), scene.arrangement)
         scene.shapes = [Shape(kind, colour, "medium", x, y, radius) for x, y in centres]

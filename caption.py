@@ -1,0 +1,197 @@
+"""Caption image files or folders with saved weights.
+
+    python caption.py IMAGE_OR_DIR [...] --encoder models/encoder-3.pkl --decoder models/decoder-3.pkl \\
+        --vocab vocab.pkl [--beam 3] [--batch-size 64] [--device auto] [--json results.json]
+
+Prints `path<TAB>caption` per image. Folders are searched (recursively) for image files. A file that cannot be read
+as an image is reported on stderr and the others are still captioned; the exit code is then 2.
+`caption_image_files()` is the same thing for other modules (evaluate.py captions a whole split with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data_loader import ImageFileDataset, build_transform
+from model import END_ID, DecoderRNN, EncoderCNN, load_pretrained, resolve_device
+from vocabulary import Vocabulary
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+# COCO file names: COCO_val2014_000000391895.jpg (2014), 000000391895.jpg (2017), val_000000000123.jpg (sample set)
+COCO_NAME = re.compile(r"(?:COCO_[A-Za-z]+\d*_|(?:train|val|test|restval)_)?(\d+)")
+
+
+def decode_features(
+    decoder: DecoderRNN, features: torch.Tensor, beam_size: int = 1, max_len: int = 20, end_id: int = END_ID
+) -> list[list[int]]:
+    """Id sequences for image embeddings [B, E]: greedy for beam_size 1, else beam search."""
+    if beam_size == 1:
+        return decoder.greedy_search(features, max_len, end_id)
+    return decoder.beam_search(features, beam_size, max_len, end_id=end_id)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Put modules in eval mode for a block, then back in the mode they were in (e.g. mid-training)."""
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+@torch.no_grad()
+def caption_image_files(
+    encoder: EncoderCNN,
+    decoder: DecoderRNN,
+    vocab: Vocabulary,
+    paths: Sequence[str | os.PathLike],
+    beam_size: int = 1,
+    batch_size: int = 64,
+    max_len: int = 20,
+    image_size: int | None = None,
+    num_workers: int = 0,
+) -> list[str | None]:
+    """Captions of image files in their order, batched on the encoder's device; None for unreadable files.
+
+    `image_size` defaults to the size the encoder was trained at (`encoder.image_size`, from train_config.json).
+    """
+    image_size = image_size or encoder.image_size
+    device = next(encoder.parameters()).device
+    dataset = ImageFileDataset(paths, build_transform(image_size), image_size)
+    loader = DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    captions: list[str | None] = [None] * len(dataset)
+    with eval_mode(encoder, decoder):
+        for images, indices, ok in tqdm(
+            loader, desc="captioning", unit="batch", leave=False, mininterval=2.0
+        ):
+            if not ok.any():
+                continue
+            features = encoder(images[ok].to(device, non_blocking=True))
+            sequences = decode_features(decoder, features, beam_size, max_len, vocab.end_id)
+            for index, ids in zip(indices[ok].tolist(), sequences, strict=True):
+                captions[index] = vocab.decode(ids)
+    return captions
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Files named on the command line, and the image files under named folders (sorted); plus error lines."""
+    paths: list[Path] = []
+    errors: list[str] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                errors.append(
+                    f"{path}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"
+                )
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            errors.append(f"{path}: no such file or folder")
+    return paths, errors
+
+
+def coco_image_id(path: str | os.PathLike) -> int | str:
+    """The COCO image id in a file name (COCO_val2014_000000391895.jpg -> 391895), else the file name."""
+    match = COCO_NAME.fullmatch(Path(path).stem)
+    return int(match.group(1)) if match else Path(path).name
+
+
+def write_results(results: list[dict], path: str | os.PathLike) -> None:
+    """COCO results JSON `[{"image_id": ..., "caption": ...}]`, written atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    parser.add_argument("--encoder", required=True, help="encoder weights, e.g. models/encoder-3.pkl")
+    parser.add_argument("--decoder", required=True, help="decoder weights, e.g. models/decoder-3.pkl")
+    parser.add_argument("--vocab", default="vocab.pkl", help="the vocab.pkl the model was trained with")
+    parser.add_argument("--beam", type=positive_int, default=3, help="beam width; 1 is greedy decoding")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N, mps")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="crop size (default: from train_config.json, or 224)"
+    )
+    parser.add_argument("--max-len", type=positive_int, default=20, help="most words per caption")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write COCO results JSON here")
+    args = parser.parse_args(argv)
+
+    try:
+        device = resolve_device(args.device)
+        encoder, decoder, vocab = load_pretrained(args.encoder, args.decoder, args.vocab, device)
+    except ValueError as e:  # WeightsFileError, VocabularyError or a bad device name: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths, errors = find_images(args.inputs)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    captions = caption_image_files(
+        encoder,
+        decoder,
+        vocab,
+        paths,
+        args.beam,
+        args.batch_size,
+        args.max_len,
+        args.image_size,
+        args.num_workers,
+    )
+    for path, caption in zip(paths, captions, strict=True):
+        if caption is not None:
+            print(f"{path}\t{caption}", flush=True)
+    failed = captions.count(None)
+    if failed:
+        print(
+            f"error: {failed} of {len(paths)} files could not be read as images (see above)", file=sys.stderr
+        )
+    if args.json:
+        results = [
+            {"image_id": coco_image_id(p), "caption": c}
+            for p, c in zip(paths, captions, strict=True)
+            if c is not None
+        ]
+        write_results(results, args.json)
+    return 2 if failed or errors or not paths else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) via pycocoevalcap, results JSON, Karpathy split.
+
+    python evaluate.py --results results.json --annotations captions_val2014.json [--json] [--show-examples 5]
+
+The numbers are the ones coco-caption's `COCOEvalCap.evaluate()` prints for the same results, minus SPICE:
+that method cannot run offline (SPICE downloads Stanford CoreNLP), so its steps are run here by hand:
+references and candidates keyed by image id, PTB-tokenized, then each scorer's `compute_score`. Tokenizing
+and METEOR need `java`; without it METEOR is left out and captions are tokenized by `ptb_tokenize`, a
+pure-Python copy of that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from tqdm.auto import tqdm
+
+from caption import caption_image_files
+from data_loader import coco_image_files, dataset_paths
+from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
+from vocabulary import Vocabulary, VocabularyError
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+class InputFileError(ValueError):
+    """A results, annotations or split file that cannot be used; the message names the file."""
+
+
+# ---- Files: results, COCO references, Karpathy split ----
+
+
+def _read_json(path: str | Path) -> object:
+    """Parsed JSON of a file, or InputFileError with a one-line reason."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a directory, expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise InputFileError(f"{path}: not UTF-8 text, expected a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise InputFileError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+
+
+def _is_caption_record(item: object) -> bool:
+    """True for {"image_id": int, "caption": str, ...} (bools are not image ids)."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("image_id"), int)
+        and not isinstance(item.get("image_id"), bool)
+        and isinstance(item.get("caption"), str)
+    )
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Captions in COCO results format `[{"image_id": int, "caption": str}, ...]`, checked for shape."""
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise InputFileError(
+            f'{path}: expected a JSON list of {{"image_id": int, "caption": str}}, '
+            f"got a {type(data).__name__}"
+        )
+    for index, item in enumerate(data):
+        if not _is_caption_record(item):
+            raise InputFileError(
+                f'{path}: item {index} is not {{"image_id": int, "caption": str}}: {item!r:.80}'
+            )
+    return [{"image_id": item["image_id"], "caption": item["caption"]} for item in data]
+
+
+def save_results(results: list[dict], path: str | Path) -> None:
+    """Write captions as a COCO results JSON file, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in results], f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def references_from_coco(path: str | Path) -> dict[int, list[str]]:
+    """Reference captions per image id from a COCO captions file, in the file's image and annotation order.
+
+    Plain JSON rather than pycocotools' COCO, which prints progress to stdout (and so would spoil `--json`);
+    the order is the one of COCO's `imgToAnns` and `loadRes().getImgIds()`, so float sums match coco-caption.
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise InputFileError(
+            f"{path}: expected a COCO captions file (a JSON object with an 'annotations' list)"
+        )
+    by_image: dict[int, list[str]] = {}
+    for index, annotation in enumerate(data["annotations"]):
+        if not _is_caption_record(annotation):
+            raise InputFileError(
+                f'{path}: annotation {index} is not {{"image_id": int, "caption": str, ...}}'
+            )
+        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    images = data.get("images") if isinstance(data.get("images"), list) else []
+    ordered = {
+        image["id"]: by_image[image["id"]]
+        for image in images
+        if isinstance(image, dict) and image.get("id") in by_image
+    }
+    for image_id, captions in by_image.items():
+        ordered.setdefault(image_id, captions)
+    return ordered
+
+
+def load_karpathy_split(path: str | Path) -> dict[str, list[dict]]:
+    """Records {cocoid, filepath, filename} of each split (train, restval, val, test) of dataset_coco.json."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputFileError(
+            f"{path}: expected Karpathy's dataset_coco.json (a JSON object with an 'images' list)"
+        )
+    splits: dict[str, list[dict]] = {name: [] for name in KARPATHY_SPLITS}
+    for index, image in enumerate(data["images"]):
+        try:
+            record = {
+                "cocoid": int(image["cocoid"]),
+                "filepath": image["filepath"],
+                "filename": image["filename"],
+            }
+            split = image["split"]
+        except (KeyError, TypeError, ValueError):
+            raise InputFileError(
+                f"{path}: image {index} lacks one of cocoid, filepath, filename, split"
+            ) from None
+        if split not in splits:
+            raise InputFileError(
+                f"{path}: image {index} has split {split!r}, expected one of {KARPATHY_SPLITS}"
+            )
+        splits[split].append(record)
+    return splits
+
+
+def karpathy_references(path: str | Path, split: str) -> dict[int, list[str]]:
+    """Raw reference sentences per COCO image id for one Karpathy split (e.g. the 5000 'test' images)."""
+    if split not in KARPATHY_SPLITS:
+        raise ValueError(f"unknown Karpathy split {split!r}, expected one of {KARPATHY_SPLITS}")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputFileError(
+            f"{path}: expected Karpathy's dataset_coco.json (a JSON object with an 'images' list)"
+        )
+    references = {}
+    for index, image in enumerate(data["images"]):
+        try:
+            if image["split"] == split:
+                references[int(image["cocoid"])] = [sentence["raw"] for sentence in image["sentences"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputFileError(f"{path}: image {index} lacks cocoid, split or sentences[].raw") from None
+    return references
+
+
+# ---- Tokenizing: Stanford PTBTokenizer through pycocoevalcap, or its pure-Python stand-in ----
+
+# What Stanford's PTBTokenizer (ptb3Escaping) turns brackets into; -lowerCase makes "-LRB-" "-lrb-", which is
+# not in pycocoevalcap's PUNCTUATIONS, so bracket tokens stay in the tokenized captions.
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_UNICODE_PUNCTUATION = str.maketrans(
+    {"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "–": "--", "—": "--", "…": "..."}
+)
+_SPLIT_OFF = [  # (pattern, replacement) applied in order to the whole caption
+    (re.compile(r'"|``|\'\'|`'), " "),  # double quotes become `` or '', both dropped as punctuation
+    (re.compile(r"[?!]+|[()\[\]{};&$%*+=|~^]"), r" \g<0> "),  # "?!" and "!!" stay one token, as in PTB
+    (re.compile(r",(?!\d)|(?<!\d),"), " , "),  # but "1,000" stays whole
+    (re.compile(r":(?!\d)|(?<!\d):"), " : "),  # but "10:30" stays whole
+    (re.compile(r"/(?!\w)|(?<!\w)/"), " / "),  # but "a/b" stays whole
+    (
+        re.compile(r"-{2,}|(?<![\w-])-(?![\d-])|-(?![\w-])"),
+        r" \g<0> ",
+    ),  # but "black-and-white", "-5" stay whole
+    (
+        re.compile(r"\.{3,}(?=[^\s.])"),
+        " ... ",
+    ),  # "food...with"; a final "..." is handled with the final period
+]
+_SPLIT_WORDS = {
+    "cannot": ["can", "not"],
+    "gonna": ["gon", "na"],
+    "gotta": ["got", "ta"],
+    "wanna": ["wan", "na"],
+    "lemme": ["lem", "me"],
+    "gimme": ["gim", "me"],
+}
+_CLITIC = re.compile(r"(.+?)('s|'m|'re|'ve|'ll|'d|n't)", re.IGNORECASE)  # man's -> man 's, don't -> do n't
+_KEEPS_QUOTE = re.compile(
+    r"'(?:s|m|re|ve|ll|d|\d\ds)", re.IGNORECASE
+)  # 's, 'm, ... and '90s keep their quote
+_ABBREVIATION = re.compile(
+    r"(?:[a-z]\.)+|(?:mr|mrs|ms|dr|st|jr|sr|prof|mt|etc|vs|inc|co|corp|ltd)\.", re.IGNORECASE
+)
+
+
+def _split_word(word: str) -> list[str]:
+    """PTB tokens of one whitespace-free word, less the quotes and periods that PUNCTUATIONS would drop."""
+    if word.startswith("'") and not _KEEPS_QUOTE.fullmatch(word):
+        word = word[1:]  # an opening quote: "'hello" -> "` hello"
+    while word[-1:] in ("'", "."):  # closing quotes, a final period or "...": "dogs'" -> "dogs '"
+        if word.endswith(".") and _ABBREVIATION.fullmatch(word.rstrip(".") + "."):
+            word = word.rstrip(".") + "."  # "mr." and "u.s." keep their period, "u.s...." -> "u.s. ..."
+            break
+        word = word[:-1]
+    if not word:
+        return []
+    if word.lower() in _SPLIT_WORDS:
+        return _SPLIT_WORDS[word.lower()]
+    clitic = _CLITIC.fullmatch(word)
+    return list(clitic.groups()) if clitic else [_BRACKETS.get(word, word)]
+
+
+def ptb_tokenize(caption: str) -> str:
+    """One caption tokenized like pycocoevalcap's PTBTokenizer, without Java.
+
+    pycocoevalcap runs Stanford PTBTokenizer 3.4.1 with -preserveLines -lowerCase and then drops the tokens in
+    its PUNCTUATIONS list. This does the same with a few regular expressions that cover what captions contain:
+    punctuation and brackets split off (brackets become -lrb- etc.), "man's" -> "man 's", "don't" -> "do n't",
+    "cannot" -> "can not", a final period split off unless the word is an abbreviation ("mr.", "u.s."), and
+    hyphenated words, numbers with "," "." ":" and "a/b" kept whole. Checked token for token against the Java
+    tokenizer on punctuated captions; rare forms ("rock'n'roll", "'tis", "½", 5'10") can still differ, and so
+    can a capital letter with a period before an uppercase word, where Java looks ahead into the next caption.
+    """
+    text = caption.translate(_UNICODE_PUNCTUATION)
+    for pattern, replacement in _SPLIT_OFF:
+        text = pattern.sub(replacement, text)
+    tokens = [token.lower() for word in text.split() for token in _split_word(word)]
+    return " ".join(token for token in tokens if token not in PUNCTUATIONS)
+
+
+def tokenize_captions(captions: dict[int, list[str]], use_java: bool) -> dict[int, list[str]]:
+    """PTB-tokenized captions per image id, by pycocoevalcap's Java PTBTokenizer or by `ptb_tokenize`."""
+    # The Java tokenizer reads one caption per line and pycocoevalcap only replaces "\n" in them, so a "\r"
+    # would shift every later caption onto the wrong image: all line breaks become spaces (same tokens).
+    captions = {
+        image_id: [" ".join(c.splitlines()) for c in image_captions]
+        for image_id, image_captions in captions.items()
+    }
+    if use_java:
+        return PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
+    return {
+        image_id: [ptb_tokenize(c) for c in image_captions]
+        for image_id, image_captions in tqdm(
+            captions.items(), desc="tokenizing", disable=len(captions) < 5000
+        )
+    }
+
+
+def java_available() -> bool:
+    """True when a `java` executable is on PATH (needed by the PTB tokenizer and METEOR jars)."""
+    return shutil.which("java") is not None
+
+
+# ---- Scoring ----
+
+
+def first_caption_per_image(results: list[dict]) -> tuple[list[dict], int]:
+    """Results with only the first caption of each image id, and how many captions were dropped."""
+    seen, kept = set(), []
+    for result in results:
+        if result["image_id"] not in seen:
+            seen.add(result["image_id"])
+            kept.append(result)
+    return kept, len(results) - len(kept)
+
+
+def check_results(
+    results: list[dict],
+    references: dict[int, list[str]],
+    results_name: str = "results",
+    references_name: str = "the references",
+) -> None:
+    """Raise ValueError if an image id has several captions or no references (the scorers assume neither)."""
+    ids = [result["image_id"] for result in results]
+    if not ids:
+        raise ValueError(f"{results_name}: no captions to score")
+    repeated = sorted(image_id for image_id, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"{results_name}: {len(repeated)} image ids have several captions (e.g. {repeated[:3]}); "
+            "keep one per image (--first-caption-per-image keeps the first)"
+        )
+    unknown = [i for i in ids if not references.get(i)]
+    if unknown:
+        raise ValueError(
+            f"{results_name}: {len(unknown)} image ids have no references in {references_name} "
+            f"(e.g. {unknown[:3]})"
+        )
+
+
+def score_captions(
+    results: list[dict],
+    references: dict[int, list[str]],
+    use_java: bool | None = None,
+    per_image: bool = False,
+) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) of one caption per image, exactly as coco-caption has them.
+
+    Only the images in `results` are scored, as COCOEvalCap does with `params['image_id'] =
+    cocoRes.getImgIds()`, in the order of `references`. `use_java=None` uses Java when it is on PATH; without
+    Java, METEOR is left out (never reported as 0) and `ptb_tokenize` replaces the Java tokenizer. With
+    `per_image=True` the result also has 'per_image': {image_id: {metric: score}}, e.g. for the best/worst.
+    """
+    check_results(results, references)
+    if use_java is None:
+        use_java = java_available()
+        if not use_java:
+            print(
+                "note: no `java` on PATH: METEOR skipped, captions tokenized by the Python PTB tokenizer",
+                file=sys.stderr,
+            )
+    elif use_java and not java_available():
+        raise RuntimeError("use_java=True but no `java` on PATH")
+    # METEOR's JVM takes ~10 s to load its paraphrase table: start it now, it loads while we tokenize.
+    meteor = Meteor() if use_java else None
+    candidate = {result["image_id"]: result["caption"] for result in results}
+    image_ids = [image_id for image_id in references if image_id in candidate]
+    gts = tokenize_captions({i: references[i] for i in image_ids}, use_java)
+    res = tokenize_captions({i: [candidate[i]] for i in image_ids}, use_java)
+
+    scorers = [
+        (METRICS[:4], partial(Bleu(4).compute_score, verbose=0)),  # verbose would print to stdout
+        (("ROUGE-L",), Rouge().compute_score),
+        (("CIDEr",), Cider().compute_score),
+    ]
+    if meteor is not None:
+        scorers.insert(1, (("METEOR",), meteor.compute_score))
+    scores: dict = {}
+    image_scores: dict[str, list[float]] = {}
+    for names, compute_score in tqdm(scorers, desc="scoring", unit="metric", disable=len(image_ids) < 1000):
+        score, per_image_scores = compute_score(gts, res)
+        if len(names) == 1:
+            score, per_image_scores = [score], [per_image_scores]
+        for name, value, values in zip(names, score, per_image_scores, strict=True):
+            scores[name], image_scores[name] = float(value), values
+
+    scores = {metric: scores[metric] for metric in METRICS if metric in scores}
+    if per_image:
+        scores["per_image"] = {
+            image_id: {metric: float(values[k]) for metric, values in image_scores.items()}
+            for k, image_id in enumerate(image_ids)
+        }
+    return scores
+
+
+def format_table(scores: dict) -> str:
+    """The computed metrics as a two-column text table (metrics that were not computed are left out)."""
+    rows = [f"{metric:<8} {scores[metric]:.4f}" for metric in METRICS if metric in scores]
+    return "\n".join(["metric   score", *rows])
+
+
+def best_and_worst(
+    scores: dict, results: list[dict], references: dict[int, list[str]], count: int
+) -> dict[str, list[dict]]:
+    """The `count` highest and lowest CIDEr images: {best, worst: [{image_id, CIDEr, caption, reference}]}."""
+    caption = {result["image_id"]: result["caption"] for result in results}
+    ranked = sorted(scores["per_image"].items(), key=lambda item: item[1]["CIDEr"], reverse=True)
+
+    def example(image_id: int, image_scores: dict) -> dict:
+        return {
+            "image_id": image_id,
+            "CIDEr": image_scores["CIDEr"],
+            "caption": caption[image_id],
+            "reference": references[image_id][0],
+        }
+
+    return {
+        "best": [example(*item) for item in ranked[:count]],
+        "worst": [example(*item) for item in ranked[::-1][:count]],
+    }
+
+
+def format_examples(examples: dict[str, list[dict]]) -> str:
+    """Best and worst examples as text: image id, CIDEr, the candidate and one reference."""
+    lines = []
+    for title, group in examples.items():
+        lines.append(f"{title} by CIDEr:")
+        for ex in group:
+            lines.append(f"  {ex['image_id']:>12}  CIDEr {ex['CIDEr']:7.3f}  {ex['caption']}")
+            lines.append(f"  {'':>12}  {'reference':<13}  {ex['reference']}")
+    return "\n".join(lines)
+
+
+# ---- Captioning a split with a model ----
+
+EVAL_SPLITS = ("val", "karpathy-val", "karpathy-test")
+
+
+def split_files(
+    split: str = "val", data: str = "coco", root: str | Path | None = None
+) -> tuple[list[int], list[Path], dict[int, list[str]]]:
+    """Image ids, image files and references of an evaluation split.
+
+    'val' is the dataset's own val split (COCO val2014: 40,504 images); 'karpathy-val' / 'karpathy-test' are the
+    5000-image splits of val2014 in `dataset_coco.json` that published COCO numbers use.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    paths = dataset_paths(data, root)
+    references = references_from_coco(paths["val_annotations"])
+    if split == "val":
+        ids = list(references)
+        files = dict(zip(*coco_image_files(paths["val_annotations"], paths["val_images"]), strict=True))
+        return ids, [files[i] for i in ids], references
+    if data != "coco":
+        raise ValueError(f"the Karpathy split exists for COCO only, not for {data!r}")
+    records = load_karpathy_split(paths["karpathy_split"])[split.removeprefix("karpathy-")]
+    ids = [r["cocoid"] for r in records]
+    missing = [i for i in ids if i not in references]
+    if missing:
+        raise InputFileError(
+            f"{paths['karpathy_split']}: {len(missing)} {split} images are not in {paths['val_annotations']}"
+        )
+    files = [paths["root"] / "images" / r["filepath"] / r["filename"] for r in records]
+    return ids, files, {i: references[i] for i in ids}
+
+
+def evaluate_model(
+    encoder: EncoderCNN,
+    decoder: DecoderRNN,
+    vocab: Vocabulary,
+    split: str = "val",
+    beam: int = 3,
+    data: str = "coco",
+    root: str | Path | None = None,
+    batch_size: int = 64,
+    max_len: int = 20,
+    use_java: bool | None = None,
+    per_image: bool = False,
+    num_workers: int = 0,
+) -> dict:
+    """Caption every image of a split once (batched) and score it.
+
+    Returns {'scores': metrics (+ 'per_image' when asked), 'results': COCO results list, 'references': by image
+    id, 'unreadable': number of image files that could not be read and were left out}.
+    """
+    image_ids, files, references = split_files(split, data, root)
+    captions = caption_image_files(
+        encoder, decoder, vocab, files, beam_size=beam, batch_size=batch_size, max_len=max_len,
+        num_workers=num_workers,
+    )
+    results = [
+        {"image_id": image_id, "caption": caption}
+        for image_id, caption in zip(image_ids, captions, strict=True)
+        if caption is not None
+    ]
+    scores = score_captions(results, references, use_java=use_java, per_image=per_image)
+    return {
+        "scores": scores,
+        "results": results,
+        "references": references,
+        "unreadable": len(image_ids) - len(results),
+    }
+
+
+def latest_weights(folder: str | Path) -> tuple[Path, Path, Path]:
+    """The encoder-N.pkl / decoder-N.pkl of the highest epoch N in a folder, and its vocab.pkl."""
+    folder = Path(folder)
+    epochs = sorted(
+        int(m.group(1)) for p in folder.glob("encoder-*.pkl") if (m := re.fullmatch(r"encoder-(\d+)\.pkl", p.name))
+    )
+    if not epochs:
+        raise InputFileError(f"{folder}: no encoder-N.pkl files (train first: python train.py --out-dir {folder})")
+    n = epochs[-1]
+    return folder / f"encoder-{n}.pkl", folder / f"decoder-{n}.pkl", folder / "vocab.pkl"
+
+
+def format_comparison(columns: dict[str, dict]) -> str:
+    """Metrics of several models side by side, one column per model."""
+    names = list(columns)
+    rows = [f"{'metric':<8} " + " ".join(f"{name:>12}" for name in names)]
+    for metric in METRICS:
+        if all(metric in scores for scores in columns.values()):
+            rows.append(f"{metric:<8} " + " ".join(f"{columns[name][metric]:>12.4f}" for name in names))
+    return "\n".join(rows)
+
+
+def format_captions(results: list[dict], references: dict[int, list[str]], count: int, **others: list[dict]) -> str:
+    """The first `count` images' generated captions (and those of other models) next to their references."""
+    other_captions = {name: {r["image_id"]: r["caption"] for r in rs} for name, rs in others.items()}
+    lines = []
+    for result in results[:count]:
+        image_id = result["image_id"]
+        lines.append(f"image {image_id}")
+        lines.append(f"  {'model':<10} {result['caption']}")
+        for name, captions in other_captions.items():
+            lines.append(f"  {name:<10} {captions.get(image_id, '(none)')}")
+        lines += [f"  {'reference':<10} {ref}" for ref in references[image_id]]
+    return "\n".join(lines)
+
+
+# ---- Command line ----
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    scored = parser.add_argument_group("score a results file")
+    scored.add_argument("--results", help='COCO results JSON: [{"image_id": int, "caption": str}]')
+    scored.add_argument("--annotations", help="COCO captions JSON, e.g. captions_val2014.json")
+    model = parser.add_argument_group("caption a split with a model, then score it")
+    model.add_argument("--encoder", help="encoder-N.pkl")
+    model.add_argument("--decoder", help="decoder-N.pkl")
+    model.add_argument("--vocab", help="vocab.pkl the model was trained with")
+    model.add_argument("--models", metavar="DIR", help="use the latest encoder-N/decoder-N.pkl and vocab.pkl in DIR")
+    model.add_argument("--baseline", metavar="DIR", help="also evaluate the latest model in DIR and compare")
+    model.add_argument("--data", choices=["coco", "sample"], default=os.environ.get("CAPTION_DATA", "coco"))
+    model.add_argument("--root", help="dataset root (default data/coco or data/sample)")
+    model.add_argument("--split", choices=EVAL_SPLITS, default="val")
+    model.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy)")
+    model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--max-len", type=int, default=20)
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    model.add_argument("--save-results", metavar="PATH", help="write the model's captions as COCO results JSON")
+    model.add_argument("--examples", type=int, default=0, metavar="N", help="print N images' captions and references")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    parser.add_argument(
+        "--first-caption-per-image",
+        action="store_true",
+        help="score the first caption of an image id that has several (default: error)",
+    )
+    parser.add_argument(
+        "--show-examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show the N best and N worst images by CIDEr",
+    )
+    parser.add_argument(
+        "--no-java",
+        action="store_true",
+        help="tokenize in Python and skip METEOR even when java is available",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score a results file against COCO references; exit code 2 on bad input."""
+    args = parse_args(argv)
+    if args.results is None:
+        return evaluate_main(args)
+    if args.annotations is None:
+        print("error: --results needs --annotations (the COCO captions file to score against)", file=sys.stderr)
+        return 2
+    try:
+        references = references_from_coco(args.annotations)
+        results = load_results(args.results)
+        if args.first_caption_per_image:
+            results, dropped = first_caption_per_image(results)
+            if dropped:
+                print(
+                    f"warning: {args.results}: dropped {dropped} extra captions of repeated image ids, "
+                    "kept the first of each",
+                    file=sys.stderr,
+                )
+        check_results(results, references, str(args.results), str(args.annotations))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"scoring {len(results)} images (of {len(references)} with references in {args.annotations})",
+        file=sys.stderr,
+    )
+
+    scores = score_captions(
+        results, references, use_java=False if args.no_java else None, per_image=args.show_examples > 0
+    )
+    examples = (
+        best_and_worst(scores, results, references, args.show_examples) if args.show_examples > 0 else None
+    )
+    metrics = {metric: scores[metric] for metric in METRICS if metric in scores}
+    if args.json:
+        print(json.dumps({**metrics, "examples": examples} if examples else metrics, indent=2))
+    else:
+        print(format_table(metrics))
+        if examples:
+            print(format_examples(examples))
+    return 0
+
+
+def evaluate_main(args: argparse.Namespace) -> int:
+    """`evaluate.py --encoder/--decoder/--vocab` or `--models DIR`: caption a split, score, compare with a baseline."""
+    use_java = False if args.no_java else None
+    try:
+        if args.models:
+            weights = latest_weights(args.models)
+        elif args.encoder and args.decoder and args.vocab:
+            weights = (Path(args.encoder), Path(args.decoder), Path(args.vocab))
+        else:
+            raise InputFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
+        runs = {"model": weights}
+        if args.baseline:
+            runs["baseline"] = latest_weights(args.baseline)
+        evaluations = {}
+        for name, (encoder_path, decoder_path, vocab_path) in runs.items():
+            encoder, decoder, vocab = load_pretrained(encoder_path, decoder_path, vocab_path, device=args.device)
+            print(f"{name}: {encoder_path.name}, {decoder_path.name}, beam {args.beam}, {args.split} split", file=sys.stderr)
+            evaluations[name] = evaluate_model(
+                encoder, decoder, vocab, args.split, beam=args.beam, data=args.data, root=args.root,
+                batch_size=args.batch_size, max_len=args.max_len, use_java=use_java,
+                per_image=args.show_examples > 0,
+            )
+    except (ValueError, OSError, VocabularyError, WeightsFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = evaluations["model"]
+    if args.save_results:
+        save_results(model["results"], args.save_results)
+    metrics = {name: {m: ev["scores"][m] for m in METRICS if m in ev["scores"]} for name, ev in evaluations.items()}
+    examples = (
+        best_and_worst(model["scores"], model["results"], model["references"], args.show_examples)
+        if args.show_examples > 0
+        else None
+    )
+    if args.json:
+        print(json.dumps({**metrics, "examples": examples} if examples else metrics, indent=2))
+        return 0
+    print(format_comparison(metrics) if len(metrics) > 1 else format_table(metrics["model"]))
+    if examples:
+        print(format_examples(examples))
+    if args.examples:
+        others = {name: ev["results"] for name, ev in evaluations.items() if name != "model"}
+        print(format_captions(model["results"], model["references"], args.examples, **others))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

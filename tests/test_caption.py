@@ -1,0 +1,214 @@
+"""caption.py: the CLI on a real folder of images (one corrupt), and the library functions it is built on."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import caption
+from data_loader import build_transform
+from model import DecoderRNN, EncoderCNN, load_pretrained
+from vocabulary import Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+EMBED, HIDDEN, VOCAB = 16, 24, 30
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 102510437\n".format("0" * 64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small batches: a second thread costs more than it brings (much more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_vocab(path, size: int) -> None:
+    """A vocab.pkl with `size` words, pickled as the template does (attributes only, `pickle.dump(self)`)."""
+    vocab = Vocabulary.__new__(Vocabulary)
+    vocab.init_vocab()
+    for word in ["<start>", "<end>", "<unk>"] + [f"word{i}" for i in range(size - 3)]:
+        vocab.add_word(word)
+    vocab.save(path)
+
+
+def noise_image(seed: int, mode: str = "RGB", size=(80, 60)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Random small-embedding weights with a train_config.json (64 px crops), and a folder of test images."""
+    root = tmp_path_factory.mktemp("caption")
+    models = root / "models"
+    models.mkdir()
+    torch.manual_seed(0)
+    torch.save(EncoderCNN(EMBED, pretrained=False).state_dict(), models / "encoder-1.pkl")
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB)
+    with torch.no_grad():
+        decoder.fc.weight.mul_(5)
+        decoder.fc.bias[0] += 2.0  # a trained model's first word is <start>: make this one's too
+    torch.save(decoder.state_dict(), models / "decoder-1.pkl")
+    config = {"image_size": 64, "embed_size": EMBED, "hidden_size": HIDDEN, "num_layers": 1}
+    (models / "train_config.json").write_text(json.dumps(config))
+    make_vocab(root / "vocab.pkl", VOCAB)
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    noise_image(1).save(photos / "COCO_val2014_000000391895.jpg", quality=90)
+    noise_image(2).save(photos / "b.png")
+    noise_image(3, "L").save(photos / "gray.jpg", quality=90)
+    noise_image(4, size=(40, 90)).save(photos / "sub" / "val_000000000123.JPG", quality=90)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" * 20)
+    (photos / "notes.txt").write_text("not an image, and not named like one")
+    return {
+        "root": root,
+        "encoder": models / "encoder-1.pkl",
+        "decoder": models / "decoder-1.pkl",
+        "vocab": root / "vocab.pkl",
+        "photos": photos,
+        "good": [
+            photos / "COCO_val2014_000000391895.jpg",
+            photos / "b.png",
+            photos / "gray.jpg",
+            photos / "sub" / "val_000000000123.JPG",
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(setup):
+    return load_pretrained(setup["encoder"], setup["decoder"], setup["vocab"])
+
+
+def test_cli_captions_a_folder_and_reports_the_corrupt_file(setup, loaded, tmp_path):
+    out = tmp_path / "results" / "captions.json"
+    weights = [
+        "--encoder",
+        str(setup["encoder"]),
+        "--decoder",
+        str(setup["decoder"]),
+        "--vocab",
+        str(setup["vocab"]),
+    ]
+    options = [
+        "--beam",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "auto",
+        "--num-workers",
+        "0",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(
+        [sys.executable, "caption.py", str(setup["photos"]), *weights, *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in setup["good"]]
+    captions = [line.split("\t", 1)[1] for line in lines]
+    encoder, decoder, vocab = loaded
+    assert captions == caption.caption_image_files(encoder, decoder, vocab, setup["good"], beam_size=2)
+    assert all(word in vocab.word2idx for text in captions for word in text.split())
+    results = json.loads(out.read_text())
+    assert results == [
+        {"image_id": 391895, "caption": captions[0]},
+        {"image_id": "b.png", "caption": captions[1]},
+        {"image_id": "gray.jpg", "caption": captions[2]},
+        {"image_id": 123, "caption": captions[3]},
+    ]
+    assert list(out.parent.iterdir()) == [out]  # no temp file left beside it
+
+
+def test_caption_image_files_keeps_order_across_batches_and_marks_unreadable_files(setup, loaded):
+    encoder, decoder, vocab = loaded
+    assert encoder.image_size == 64  # from train_config.json
+    paths = [*setup["good"][:2], setup["photos"] / "broken.jpg", *setup["good"][2:]]
+    decoder.train()
+    one_batch = caption.caption_image_files(encoder, decoder, vocab, paths, batch_size=64)
+    assert decoder.training and not encoder.resnet.training  # modes restored afterwards
+    decoder.eval()
+    assert one_batch[2] is None and all(isinstance(c, str) for i, c in enumerate(one_batch) if i != 2)
+    assert caption.caption_image_files(encoder, decoder, vocab, paths, batch_size=2) == one_batch
+    only_bad = caption.caption_image_files(encoder, decoder, vocab, [setup["photos"] / "broken.jpg"])
+    assert only_bad == [None]
+    # The caption is the decoder's greedy output for the encoder's features, cleaned by the vocabulary.
+    image = build_transform(64)(Image.open(paths[0]).convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        ids = decoder.greedy_search(encoder(image))[0]
+    assert ids[0] == vocab.start_id and one_batch[0] == vocab.decode(ids)
+
+
+def test_decode_features_picks_greedy_or_beam(loaded):
+    _, decoder, _ = loaded
+    features = torch.randn(3, EMBED, generator=torch.Generator().manual_seed(0))
+    assert caption.decode_features(decoder, features, beam_size=1) == decoder.greedy_search(features)
+    assert caption.decode_features(decoder, features, beam_size=3, max_len=7) == decoder.beam_search(
+        features, 3, max_len=7
+    )
+
+
+def test_bad_weights_give_one_line_and_exit_code_2(setup, tmp_path, capsys):
+    pointer = tmp_path / "decoder-3.pkl"
+    pointer.write_text(LFS_POINTER)
+    code = caption.main(
+        [str(setup["photos"]), "--encoder", str(setup["encoder"]), "--decoder", str(pointer)]
+        + ["--vocab", str(setup["vocab"])]
+    )
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and str(pointer) in captured.err and "git lfs pull" in captured.err
+    code = caption.main(
+        [str(setup["photos"]), "--encoder", str(setup["encoder"]), "--decoder", "x", "--device", "tpu"]
+    )
+    assert code == 2 and "unknown device" in capsys.readouterr().err
+
+
+def test_missing_inputs_are_reported_and_the_rest_captioned(setup, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    weights = [
+        "--encoder",
+        str(setup["encoder"]),
+        "--decoder",
+        str(setup["decoder"]),
+        "--vocab",
+        str(setup["vocab"]),
+    ]
+    inputs = [str(setup["good"][1]), str(tmp_path / "missing.jpg"), str(empty)]
+    code = caption.main([*inputs, *weights, "--beam", "1", "--num-workers", "0", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "missing.jpg: no such file" in captured.err and f"{empty}: no image files" in captured.err
+    assert captured.out.startswith(f"{setup['good'][1]}\t") and captured.out.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "image_id"),
+    [
+        ("COCO_val2014_000000391895.jpg", 391895),
+        ("COCO_train2014_000000000009.jpg", 9),
+        ("000000397133.jpg", 397133),
+        ("val_000000000123.jpg", 123),
+        ("IMG_0042.jpg", "IMG_0042.jpg"),
+        ("holiday.png", "holiday.png"),
+    ],
+)
+def test_coco_image_ids_from_file_names(name, image_id):
+    assert caption.coco_image_id(Path("some/folder") / name) == image_id

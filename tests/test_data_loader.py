@@ -1,0 +1,173 @@
+"""Data loader: the bucket sampler's epoch properties, image handling, template API, bad inputs."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_loader import (
+    BucketBatchSampler,
+    ImageFileDataset,
+    build_transform,
+    coco_image_files,
+    get_loader,
+    load_image,
+)
+
+LENGTHS = np.random.default_rng(0).choice([5, 6, 7, 8, 9, 12, 20], size=1003, p=[0.1, 0.2, 0.3, 0.2, 0.1, 0.08, 0.02])
+
+
+def epoch(sampler, epoch_number=0):
+    sampler.set_epoch(epoch_number)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_each_item_once_per_epoch_and_one_length_per_batch(batch_size):
+    sampler = BucketBatchSampler(LENGTHS, batch_size, seed=3)
+    batches = epoch(sampler)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(LENGTHS)))  # every item exactly once, leftovers included
+    assert all(len({LENGTHS[i] for i in b}) == 1 for b in batches)
+    assert all(1 <= len(b) <= batch_size for b in batches)
+    assert len(batches) == len(sampler)
+
+
+def test_reproducible_and_reshuffled_per_epoch():
+    a, b = BucketBatchSampler(LENGTHS, 16, seed=1), BucketBatchSampler(LENGTHS, 16, seed=1)
+    assert epoch(a, 0) == epoch(b, 0)
+    assert epoch(a, 1) != epoch(a, 0)
+    assert epoch(a, 1) == epoch(b, 1)
+    assert epoch(BucketBatchSampler(LENGTHS, 16, seed=2), 0) != epoch(a, 0)
+    # batch lengths are interleaved, not one bucket after another
+    lengths = [LENGTHS[b[0]] for b in epoch(a, 0)]
+    assert lengths != sorted(lengths)
+
+
+def test_resume_skips_consumed_batches():
+    sampler = BucketBatchSampler(LENGTHS, 16, seed=1)
+    full = epoch(sampler, 4)
+    sampler.set_epoch(4, start_batch=5)
+    assert list(sampler) == full[5:]
+    assert list(sampler) == full  # the skip applies to one pass only
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize("batch_size", [16, 50])
+def test_distributed_shares_are_disjoint_complete_and_equal(replicas, batch_size):
+    shares = [epoch(BucketBatchSampler(LENGTHS, batch_size, seed=5, num_replicas=replicas, rank=r), 2)
+              for r in range(replicas)]
+    assert len({len(s) for s in shares}) == 1  # same number of steps on every rank: nobody waits forever
+    assert all(len(s) == len(BucketBatchSampler(LENGTHS, batch_size, num_replicas=replicas, rank=r))
+               for r, s in enumerate(shares))
+    flat = [i for s in shares for b in s for i in b]
+    assert sorted(flat) == list(range(len(LENGTHS)))  # disjoint and nothing lost
+    assert all(len({LENGTHS[i] for i in b}) == 1 for s in shares for b in s)
+
+
+def test_tiny_dataset_splits_batches_for_ranks():
+    shares = [list(BucketBatchSampler([4, 4, 4], 8, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(i for s in shares for b in s for i in b) == [0, 1, 2]
+    assert [len(s) for s in shares] == [1, 1, 1]
+
+
+def test_get_loader_train_batches(tiny_coco, tmp_path):
+    loader = get_loader(
+        build_transform(32, train=True), "train", batch_size=4, vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+        vocab_from_file=False, annotations_file=tiny_coco["annotations"], img_folder=tiny_coco["images"],
+    )
+    seen = 0
+    for images, captions in loader:
+        assert images.shape[1:] == (3, 32, 32) and images.shape[0] == captions.shape[0]
+        assert captions.dtype == torch.long and (captions[:, 0] == 0).all() and (captions[:, -1] == 1).all()
+        seen += len(captions)
+    assert seen == 5 * tiny_coco["n_images"]
+    dataset = loader.dataset
+    indices = dataset.get_train_indices()  # the template's API keeps working
+    assert len(indices) == 4 and len({dataset.caption_lengths[i] for i in indices}) == 1
+    assert (tmp_path / "v.pkl").exists()
+    # The template's training loop: a fresh one-length batch from get_train_indices() at every step.
+    for _ in range(5):
+        indices = dataset.get_train_indices()
+        loader.batch_sampler.sampler = torch.utils.data.SubsetRandomSampler(indices)
+        _images, captions = next(iter(loader))
+        assert len(captions) == 4 and int(captions.shape[1]) == dataset.caption_lengths[indices[0]] + 2
+    loader.batch_sampler.sampler = None
+    assert sum(len(c) for _, c in loader) == seen
+
+
+def test_val_and_test_modes(tiny_coco, tmp_path):
+    vocab_file = str(tmp_path / "v.pkl")
+    kwargs = {"annotations_file": tiny_coco["annotations"], "img_folder": tiny_coco["images"]}
+    get_loader(build_transform(32), "train", vocab_threshold=1, vocab_file=vocab_file, vocab_from_file=False, **kwargs)
+    images, _captions, image_ids = next(iter(get_loader(build_transform(32), "val", batch_size=3, vocab_file=vocab_file,
+                                                        **kwargs)))
+    assert images.shape == (3, 3, 32, 32) and image_ids.shape == (3,)
+    test_info = tmp_path / "test_info.json"
+    info = json.loads(tiny_coco["annotations"].read_text())
+    test_info.write_text(json.dumps({"images": info["images"]}))
+    original, image = next(iter(get_loader(build_transform(32), "test", annotations_file=test_info,
+                                           img_folder=tiny_coco["images"])))
+    assert original.shape == (1, 40, 48, 3) and image.shape == (1, 3, 32, 32)
+
+
+def test_workers_and_persistent_iterators(tiny_coco, tmp_path):
+    loader = get_loader(
+        build_transform(32), "train", batch_size=8, vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+        vocab_from_file=False, num_workers=2, annotations_file=tiny_coco["annotations"], img_folder=tiny_coco["images"],
+    )
+    assert loader.persistent_workers
+    counts = []
+    for e in range(2):
+        loader.batch_sampler.set_epoch(e)
+        counts.append(sum(len(c) for _, c in loader))
+    assert counts == [60, 60]
+
+
+def test_grayscale_cmyk_missing_and_corrupt_images(tiny_coco, tmp_path, capsys):
+    folder = tiny_coco["images"]
+    Image.new("L", (48, 40), 128).save(folder / "img_000000000001.jpg")
+    Image.new("CMYK", (48, 40), (0, 255, 255, 0)).save(folder / "img_000000000002.jpg")
+    assert load_image(folder / "img_000000000001.jpg").mode == "RGB"
+    assert load_image(folder / "img_000000000002.jpg").getpixel((5, 5))[0] > 200  # CMYK red comes out red
+    (folder / "img_000000000003.jpg").write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    (folder / "img_000000000004.jpg").unlink()
+    loader = get_loader(
+        build_transform(32), "train", batch_size=5, vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+        vocab_from_file=False, annotations_file=tiny_coco["annotations"], img_folder=folder,
+    )
+    seen = sum(len(c) for batch in loader if batch is not None for c in [batch[1]])
+    assert seen == 5 * (tiny_coco["n_images"] - 2)  # the two bad images' captions are skipped, not fatal
+    assert len(loader.dataset.skipped) == 2
+    err = capsys.readouterr().err
+    assert err.count("img_000000000003.jpg") == 1 and err.count("img_000000000004.jpg") == 1  # one line each
+
+    _ids, paths = coco_image_files(tiny_coco["annotations"], folder)
+    items = [ImageFileDataset(paths, build_transform(32), image_size=32)[i] for i in range(4)]
+    assert [ok for _, _, ok in items] == [True, True, False, False]
+    assert all(img.shape == (3, 32, 32) for img, _, _ in items)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{broken", "not a COCO-format"), ("[1, 2]", "not a COCO-format"), ('{"annotations": []}', "no 'images' list")],
+)
+def test_bad_annotation_file(tmp_path, content, message):
+    bad = tmp_path / "captions_bad.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=f"captions_bad.json.*{message}"):
+        get_loader(build_transform(32), "train", vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+                   vocab_from_file=False, annotations_file=bad, img_folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        get_loader(build_transform(32), "train", vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+                   vocab_from_file=False, annotations_file=tmp_path / "nope.json", img_folder=tmp_path)
+
+
+def test_transform_sizes():
+    image = Image.new("RGB", (640, 480))
+    assert build_transform()(image).shape == (3, 224, 224)
+    assert build_transform(64, train=True)(image).shape == (3, 64, 64)
+    assert Counter(type(t).__name__ for t in build_transform(train=True).transforms)["RandomHorizontalFlip"] == 1

@@ -1,0 +1,529 @@
+"""evaluate.py: metrics equal coco-caption's, Python PTB tokenizing equals Java's, files and CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pycocoevalcap.eval
+import pytest
+from pycocoevalcap.eval import COCOEvalCap
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocotools.coco import COCO
+
+import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="needs java on PATH")
+
+# 11 images, 5 references each (image 9 has no candidate: results may cover a subset), punctuation throughout.
+REFERENCES = {
+    391895: [
+        "A man with a red helmet on a small moped on a dirt road.",
+        "Man riding a motor bike on a dirt road on the countryside.",
+        "A man riding on the back of a motorcycle.",
+        "A dirt path with a young person on a motor bike rests to the foreground.",
+        "A man in a red shirt and a red hat is on a motorcycle on a hill side.",
+    ],
+    522418: [
+        "A woman wearing a net on her head cutting a cake.",
+        "A woman cutting a large white sheet cake.",
+        "A woman wearing a hair net cutting a large sheet cake.",
+        "there is a woman that is cutting a white cake",
+        'A woman marking a cake with the back of a chef\'s knife, "carefully".',
+    ],
+    184613: [
+        "A child holding a flowered umbrella and petting a yak.",
+        "A young man holding an umbrella next to a herd of cattle.",
+        "a young boy barefoot holding an umbrella touching the horn of a cow",
+        "A young boy with an umbrella who is touching the horn of a cow.",
+        "A boy holding an umbrella while standing next to livestock.",
+    ],
+    318219: [
+        "A young boy standing in front of a computer keyboard.",
+        "a little boy wearing headphones and looking at a computer monitor",
+        "He is listening intently to the computer at school.",
+        "A young boy stares up at the computer monitor.",
+        "a young kid with head phones on using a computer",
+    ],
+    554625: [
+        "a boy wearing headphones using one computer in a long row of computers",
+        "A little boy with earphones on listening to something.",
+        "A group of people sitting at desk using computers.",
+        "Children sitting at computer stations on a long table.",
+        "A small child wearing headphones plays on the computer.",
+    ],
+    397133: [
+        "A man is in a kitchen making pizzas.",
+        "Man in apron standing on front of oven with pans and bakeware",
+        "A baker is working in the kitchen rolling dough.",
+        "A person standing by a stove in a kitchen.",
+        "A table with pies being made and a person standing near a wall with pots and pans hanging on it.",
+    ],
+    37777: [
+        "The dining table near the kitchen has a bowl of fruit on it.",
+        "A small kitchen has various appliances and a table.",
+        "The kitchen is clean and ready for us to see.",
+        "A kitchen and dining area decorated in white.",
+        "A kitchen that has a bowl of fruit on the table.",
+    ],
+    252219: [
+        "A person on a skateboard and bike at a skate park.",
+        "A man on a skateboard performs a trick at the skate park",
+        "A skateboarder jumps into the air as he performs a skateboard trick.",
+        "Athletes performing tricks on a BMX bicycle and a skateboard.",
+        "a man falls off his skateboard in a skate park.",
+    ],
+    87038: [
+        "A person above ground on a snowboard, doing a trick.",
+        "Snowboarder in mid-air over snow covered hill (at night).",
+        "a guy jumping some snow on a snowboard",
+        "A snowboarder's jump off a ramp -- high up in the air!",
+        "A black-and-white photo of a man's snowboard jump; it's great.",
+    ],
+    174482: [
+        "A bicycle replica with a clock as the front wheel.",
+        "The bike has a clock as a tire.",
+        "A black metal bicycle with a clock inside the front wheel.",
+        "A bicycle figurine in which the front wheel is replaced with a clock",
+        "A clock with the appearance of the wheel of a bicycle ",
+    ],
+    9: [
+        "Closeup of bins of food that include broccoli and bread.",
+        "A meal is presented in brightly colored plastic trays.",
+        "there are containers filled with different kinds of foods",
+        "Colorful dishes holding meat, vegetables, fruit, and bread.",
+        "A bunch of trays that have different food.",
+    ],
+}
+RESULTS = [  # not in the annotation file's image order, on purpose
+    {"image_id": 174482, "caption": "A bicycle with a clock as the front wheel."},
+    {"image_id": 391895, "caption": "A man riding a motorcycle on a dirt road."},
+    {"image_id": 522418, "caption": "a woman cutting a cake with a knife"},
+    {"image_id": 184613, "caption": "A boy (with an umbrella) standing next to a cow."},
+    {"image_id": 318219, "caption": "A young boy's looking at a computer, isn't he?"},
+    {"image_id": 554625, "caption": "Children sitting at computers on a long table."},
+    {"image_id": 397133, "caption": 'A man in a kitchen making "pizza" -- and pies.'},
+    {"image_id": 37777, "caption": "A kitchen with a table and a bowl of fruit."},
+    {"image_id": 252219, "caption": "zebras grazing in tall grass"},
+    {"image_id": 87038, "caption": "A snowboarder's jump: high in the air, mid-air!"},
+]
+METRIC_KEYS = {
+    "BLEU-1": "Bleu_1",
+    "BLEU-2": "Bleu_2",
+    "BLEU-3": "Bleu_3",
+    "BLEU-4": "Bleu_4",
+    "METEOR": "METEOR",
+    "ROUGE-L": "ROUGE_L",
+    "CIDEr": "CIDEr",
+}
+PUNCTUATED = [
+    "A man's dog, running on the beach.",
+    "Two people don't like it; they can't stay!",
+    "\"Hello\" said the man in 'quotes' here.",
+    "A black-and-white photo of a 2-year-old child - nice -- very.",
+    "A man (wearing a hat) sits on a bench [left] {ok}.",
+    "A plate of food... with 3.5 dollars, $5 and 50% off & more.",
+    "He said: \"I'm here, we're there, you've got it, he'll go, she'd go.\"",
+    "Mr. Smith at the U.S. embassy at 3 p.m. today.",
+    "The dogs' toys and the cat's bowl, it's 5 o'clock; a 10:30 train.",
+    "A TRAIN ON TRACKS NEAR A STATION.",
+    "two bikes parked at the curb , one is red .",
+    "What? Really?! Yes!! A sign reads 'no parking'.",
+    "A one-way street's sign w/ a kid's kite... and 1,000 birds.",
+    "It's a man's man's world, isn't it? They cannot stop.",
+    "   A   cat  sitting on a laptop computer   ",
+    "A \u201cfancy\u201d caf\u00e9 sign \u2013 and a man\u2019s dog\u2026",
+]
+
+
+def write_annotations(path: Path, references: dict[int, list[str]]) -> Path:
+    """A COCO captions file whose images and annotations are in neither id nor grouped order."""
+    images = [
+        {"id": image_id, "file_name": f"COCO_val2014_{image_id:012d}.jpg"}
+        for image_id in reversed(references)
+    ]
+    annotations = [
+        {"id": 100 * k + n, "image_id": image_id, "caption": captions[k]}
+        for k in range(5)
+        for n, (image_id, captions) in enumerate(references.items())
+    ]
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+class NoSpice:
+    """SPICE stand-in for COCOEvalCap: the real one downloads Stanford CoreNLP, which cannot work offline."""
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        return "SPICE"
+
+
+@pytest.fixture(scope="module")
+def annotations(tmp_path_factory) -> Path:
+    return write_annotations(tmp_path_factory.mktemp("coco") / "captions_val2014.json", REFERENCES)
+
+
+def run_coco_eval_cap(annotations: Path) -> COCOEvalCap:
+    """coco-caption's own evaluation of RESULTS, run as its README shows, with SPICE left out."""
+    coco = COCO(str(annotations))
+    coco_results = coco.loadRes([dict(r) for r in RESULTS])  # loadRes adds 'id' keys
+    coco_eval = COCOEvalCap(coco, coco_results)
+    coco_eval.params["image_id"] = coco_results.getImgIds()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+        coco_eval.evaluate()
+    return coco_eval
+
+
+@pytest.fixture(scope="module")
+def java_and_coco_eval_cap(annotations) -> tuple[dict, COCOEvalCap]:
+    """Our Java-path scores and COCOEvalCap's, computed side by side (a METEOR JVM takes ~10 s to start)."""
+    with ThreadPoolExecutor(1) as pool:
+        ours = pool.submit(
+            evaluate.score_captions,
+            RESULTS,
+            evaluate.references_from_coco(annotations),
+            use_java=True,
+            per_image=True,
+        )
+        theirs = run_coco_eval_cap(annotations)
+        return ours.result(), theirs
+
+
+@pytest.fixture(scope="module")
+def java_scores(java_and_coco_eval_cap) -> dict:
+    return java_and_coco_eval_cap[0]
+
+
+@pytest.fixture(scope="module")
+def coco_eval_cap(java_and_coco_eval_cap) -> COCOEvalCap:
+    return java_and_coco_eval_cap[1]
+
+
+@needs_java
+def test_scores_equal_coco_eval_cap(java_scores, coco_eval_cap):
+    assert [k for k in java_scores if k != "per_image"] == list(METRIC_KEYS)
+    for metric, coco_name in METRIC_KEYS.items():
+        assert java_scores[metric] == coco_eval_cap.eval[coco_name], metric
+    assert set(java_scores["per_image"]) == {r["image_id"] for r in RESULTS}
+    for image_id, image_scores in java_scores["per_image"].items():
+        for metric, coco_name in METRIC_KEYS.items():
+            assert image_scores[metric] == pytest.approx(
+                coco_eval_cap.imgToEval[image_id][coco_name], abs=1e-12
+            )
+    assert 0 < java_scores["CIDEr"] < 10 and 0 < java_scores["BLEU-4"] < java_scores["BLEU-1"] < 1
+
+
+@needs_java
+def test_python_tokenizer_equals_java_ptb_tokenizer():
+    java = PTBTokenizer().tokenize({k: [{"caption": c}] for k, c in enumerate(PUNCTUATED)})
+    python = {k: [evaluate.ptb_tokenize(c)] for k, c in enumerate(PUNCTUATED)}
+    assert python == java
+    assert python[0] == ["a man 's dog running on the beach"]
+    assert python[4] == ["a man -lrb- wearing a hat -rrb- sits on a bench -lsb- left -rsb- -lcb- ok -rcb-"]
+
+
+@needs_java
+def test_python_path_omits_meteor_and_matches_java_path(java_scores, annotations):
+    scores = evaluate.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=False)
+    assert list(scores) == [m for m in evaluate.METRICS if m != "METEOR"]
+    for metric, value in scores.items():
+        assert value == java_scores[metric], metric
+
+
+def test_scores_only_the_images_in_results(annotations):
+    references = evaluate.references_from_coco(annotations)
+    one = evaluate.score_captions(RESULTS[:1], references, use_java=False, per_image=True)
+    assert list(one["per_image"]) == [174482]
+    assert one["CIDEr"] == one["per_image"][174482]["CIDEr"]  # the corpus score of one image is its own score
+
+
+def test_references_follow_annotation_file_order(annotations):
+    references = evaluate.references_from_coco(annotations)
+    assert list(references) == list(reversed(REFERENCES))
+    assert references == REFERENCES
+
+
+def test_no_java_on_path_skips_meteor_with_a_note(tmp_path, annotations):
+    results = tmp_path / "results.json"
+    evaluate.save_results(RESULTS, results)
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "evaluate.py"),
+            "--results",
+            str(results),
+            "--annotations",
+            str(annotations),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "METEOR skipped" in proc.stderr
+    scores = json.loads(proc.stdout)
+    assert list(scores) == [m for m in evaluate.METRICS if m != "METEOR"]
+
+
+def test_use_java_true_without_java_raises(monkeypatch, annotations):
+    monkeypatch.setenv("PATH", "")
+    assert not evaluate.java_available()
+    with pytest.raises(RuntimeError, match="java"):
+        evaluate.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=True)
+
+
+@needs_java
+def test_line_breaks_inside_captions_do_not_shift_java_tokens():
+    captions = {1: ["A man\rriding a horse."], 2: ["A dog\r\non a\u2028beach."], 3: ["A cat."]}
+    expected = {1: ["a man riding a horse"], 2: ["a dog on a beach"], 3: ["a cat"]}
+    assert evaluate.tokenize_captions(captions, use_java=True) == expected
+    assert evaluate.tokenize_captions(captions, use_java=False) == expected
+
+
+# ---- results files and the command line ----
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = evaluate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json_output(tmp_path, annotations, capsys):
+    results = tmp_path / "results.json"
+    evaluate.save_results(RESULTS, results)
+    code, out, err = run_cli(
+        capsys, "--results", results, "--annotations", annotations, "--json", "--no-java"
+    )
+    assert code == 0
+    scores = json.loads(out)
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert all(isinstance(v, float) for v in scores.values())
+    assert "scoring 10 images (of 11 with references" in err
+
+
+def test_cli_table_and_examples(tmp_path, annotations, capsys):
+    results = tmp_path / "results.json"
+    evaluate.save_results(RESULTS, results)
+    code, out, _ = run_cli(
+        capsys, "--results", results, "--annotations", annotations, "--no-java", "--show-examples", 2
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["metric", "score"]
+    assert [line.split()[0] for line in lines[1:7]] == [
+        "BLEU-1",
+        "BLEU-2",
+        "BLEU-3",
+        "BLEU-4",
+        "ROUGE-L",
+        "CIDEr",
+    ]
+    assert "METEOR" not in out
+
+    scores = evaluate.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)
+    ranked = sorted(scores["per_image"], key=lambda i: scores["per_image"][i]["CIDEr"])
+    worst, best = ranked[0], ranked[-1]
+    assert worst == 252219  # "zebras grazing in tall grass" for a skate park
+    examples = out[out.index("best by CIDEr") :]
+    assert examples.index(str(best)) < examples.index("worst by CIDEr") < examples.index(str(worst))
+    assert "zebras grazing in tall grass" in examples and REFERENCES[252219][0] in examples
+
+
+def test_cli_json_with_examples(tmp_path, annotations, capsys):
+    results = tmp_path / "results.json"
+    evaluate.save_results(RESULTS, results)
+    code, out, _ = run_cli(
+        capsys,
+        "--results",
+        results,
+        "--annotations",
+        annotations,
+        "--no-java",
+        "--json",
+        "--show-examples",
+        1,
+    )
+    assert code == 0
+    examples = json.loads(out)["examples"]
+    assert examples["worst"][0]["image_id"] == 252219
+    assert examples["worst"][0]["CIDEr"] <= examples["best"][0]["CIDEr"]
+    assert set(examples["best"][0]) == {"image_id", "CIDEr", "caption", "reference"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[{'image_id': 1}", "not valid JSON"),
+        ('{"image_id": 391895, "caption": "a man"}', "expected a JSON list"),
+        ('[{"image_id": 391895}]', "item 0 is not"),
+        ('[{"image_id": "391895", "caption": "a man"}]', "item 0 is not"),
+        (
+            '[{"image_id": 391895, "caption": "a man"}, {"image_id": 5, "caption": "a cat"}]',
+            "1 image ids have no references in",
+        ),
+        ("[]", "no captions to score"),
+        (
+            '[{"image_id": 391895, "caption": "a man"}, {"image_id": 391895, "caption": "a dog"}]',
+            "1 image ids have several captions",
+        ),
+    ],
+)
+def test_cli_bad_results_exit_2_naming_the_file(tmp_path, annotations, capsys, content, message):
+    results = tmp_path / "my_results.json"
+    results.write_text(content)
+    code, out, err = run_cli(capsys, "--results", results, "--annotations", annotations)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {results}: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_missing_or_bad_annotations(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    evaluate.save_results(RESULTS, results)
+    code, _, err = run_cli(capsys, "--results", results, "--annotations", tmp_path / "nope.json")
+    assert code == 2 and f"{tmp_path / 'nope.json'}: no such file" in err
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    code, _, err = run_cli(capsys, "--results", results, "--annotations", tmp_path / "bad.json")
+    assert code == 2 and "'annotations' list" in err
+
+
+def test_first_caption_per_image_keeps_the_first(tmp_path, annotations, capsys):
+    results = tmp_path / "results.json"
+    doubled = [
+        *RESULTS,
+        {"image_id": 391895, "caption": "zebras"},
+        {"image_id": 9, "caption": "food in trays"},
+        {"image_id": 9, "caption": "zebras"},
+    ]
+    evaluate.save_results(doubled, results)
+    code, out, err = run_cli(
+        capsys,
+        "--results",
+        results,
+        "--annotations",
+        annotations,
+        "--json",
+        "--no-java",
+        "--first-caption-per-image",
+    )
+    assert code == 0
+    assert f"warning: {results}: dropped 2 extra captions" in err
+    kept, dropped = evaluate.first_caption_per_image(doubled)
+    assert dropped == 2 and kept == [*RESULTS, {"image_id": 9, "caption": "food in trays"}]
+    assert json.loads(out) == {
+        k: v
+        for k, v in evaluate.score_captions(
+            kept, evaluate.references_from_coco(annotations), use_java=False
+        ).items()
+    }
+
+
+def test_cli_error_has_no_traceback(tmp_path, annotations):
+    results = tmp_path / "results.json"
+    results.write_text("not json")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "evaluate.py"),
+            "--results",
+            str(results),
+            "--annotations",
+            str(annotations),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {results}: not valid JSON (Expecting value at line 1 column 1)"
+
+
+def test_save_and_load_results_round_trip(tmp_path):
+    path = tmp_path / "results.json"
+    evaluate.save_results([{**r, "extra": 1} for r in RESULTS], path)
+    assert evaluate.load_results(path) == RESULTS
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_score_captions_rejects_duplicates_and_unknown_ids():
+    with pytest.raises(ValueError, match="several captions"):
+        evaluate.score_captions([RESULTS[0], RESULTS[0]], REFERENCES, use_java=False)
+    with pytest.raises(ValueError, match="no references"):
+        evaluate.score_captions([{"image_id": 1, "caption": "a cat"}], REFERENCES, use_java=False)
+
+
+# ---- Karpathy split ----
+
+
+def write_karpathy(path: Path) -> Path:
+    """A tiny dataset_coco.json: two images per split, two sentences each."""
+    images = []
+    for n, split in enumerate(["train", "restval", "val", "test"] * 2):
+        folder = "train2014" if split == "train" else "val2014"
+        images.append(
+            {
+                "filepath": folder,
+                "filename": f"COCO_{folder}_{n:012d}.jpg",
+                "cocoid": n,
+                "split": split,
+                "imgid": n,
+                "sentids": [2 * n, 2 * n + 1],
+                "sentences": [
+                    {"raw": f"A photo number {n}.", "tokens": ["a", "photo", "number", str(n)]},
+                    {"raw": f"Picture {n}, again.", "tokens": ["picture", str(n), "again"]},
+                ],
+            }
+        )
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+def test_load_karpathy_split(tmp_path):
+    splits = evaluate.load_karpathy_split(write_karpathy(tmp_path / "dataset_coco.json"))
+    assert list(splits) == ["train", "restval", "val", "test"]
+    assert [r["cocoid"] for r in splits["test"]] == [3, 7]
+    assert splits["train"][0] == {
+        "cocoid": 0,
+        "filepath": "train2014",
+        "filename": "COCO_train2014_000000000000.jpg",
+    }
+    assert splits["val"][1] == {
+        "cocoid": 6,
+        "filepath": "val2014",
+        "filename": "COCO_val2014_000000000006.jpg",
+    }
+
+
+def test_karpathy_references(tmp_path):
+    path = write_karpathy(tmp_path / "dataset_coco.json")
+    assert evaluate.karpathy_references(path, "val") == {
+        2: ["A photo number 2.", "Picture 2, again."],
+        6: ["A photo number 6.", "Picture 6, again."],
+    }
+    with pytest.raises(ValueError, match="unknown Karpathy split"):
+        evaluate.karpathy_references(path, "minival")
+
+
+def test_karpathy_bad_files(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(
+        json.dumps({"images": [{"cocoid": 1, "filepath": "val2014", "filename": "x.jpg", "split": "dev"}]})
+    )
+    with pytest.raises(evaluate.InputFileError, match=r"dataset_coco.json: image 0 has split 'dev'"):
+        evaluate.load_karpathy_split(path)
+    path.write_text(json.dumps({"images": [{"cocoid": 1, "split": "val"}]}))
+    with pytest.raises(evaluate.InputFileError, match="image 0 lacks"):
+        evaluate.load_karpathy_split(path)
+    path.write_text("[]")
+    with pytest.raises(evaluate.InputFileError, match="'images' list"):
+        evaluate.karpathy_references(path, "test")

@@ -1,0 +1,124 @@
+"""EncoderCNN / DecoderRNN: shapes, what trains and what stays frozen, state dicts, the seeded random backbone."""
+
+import pytest
+import torch
+
+from model import FEATURE_SIZE, DecoderRNN, EncoderCNN, resnet50_backbone
+
+EMBED, HIDDEN, VOCAB = 32, 24, 50
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small batches: a second thread costs more than it brings (much more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> EncoderCNN:
+    return EncoderCNN(EMBED, pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def batchnorm_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_shapes(encoder, images):
+    assert encoder.backbone(images).shape == (2, FEATURE_SIZE)
+    features = encoder(images)
+    assert features.shape == (2, EMBED)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)
+    captions = torch.randint(0, VOCAB, (2, 7))
+    assert decoder(features, captions).shape == (2, 7, VOCAB)
+    logits, (h, c) = decoder.step(features)
+    assert logits.shape == (2, VOCAB) and h.shape == c.shape == (2, 2, HIDDEN)
+    ids = decoder.sample(features[:1].unsqueeze(1), max_len=5)
+    assert 1 <= len(ids) <= 5 and all(isinstance(i, int) for i in ids)
+
+
+def test_template_state_dict_keys(encoder):
+    keys = set(encoder.state_dict())
+    assert {
+        "resnet.0.weight",
+        "resnet.1.running_mean",
+        "resnet.4.0.conv1.weight",
+        "resnet.7.2.bn3.weight",
+    } <= keys
+    assert {"embed.weight", "embed.bias"} <= keys
+    assert not any(k.startswith(("fc.", "resnet.9")) for k in keys)
+    assert encoder.state_dict()["embed.weight"].shape == (EMBED, FEATURE_SIZE)
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)
+    lstm = {f"lstm.{n}_l{k}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for k in (0, 1)}
+    assert set(decoder.state_dict()) == {"embed.weight", "fc.weight", "fc.bias"} | lstm
+    assert decoder.state_dict()["embed.weight"].shape == (VOCAB, EMBED)
+    assert decoder.state_dict()["fc.weight"].shape == (VOCAB, HIDDEN)
+
+
+def test_frozen_backbone_gets_no_gradient_and_keeps_its_batchnorm_statistics(encoder, images):
+    before = batchnorm_state(encoder)
+    encoder.train()
+    assert encoder.training and not encoder.resnet.training
+    assert not any(m.training for m in encoder.resnet.modules())
+    encoder.zero_grad()
+    encoder(images * 3 + 1).square().mean().backward()  # inputs far from the running statistics
+    assert all(p.grad is None for p in encoder.resnet.parameters())
+    assert encoder.embed.weight.grad is not None and encoder.embed.weight.grad.abs().sum() > 0
+    after = batchnorm_state(encoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    encoder.eval()
+
+
+def test_trainable_parameters_are_exactly_embed_and_decoder(encoder):
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2)
+    trainable = {f"encoder.{n}" for n, p in encoder.named_parameters() if p.requires_grad}
+    trainable |= {f"decoder.{n}" for n, p in decoder.named_parameters() if p.requires_grad}
+    expected = {"encoder.embed.weight", "encoder.embed.bias"} | {f"decoder.{n}" for n in decoder.state_dict()}
+    assert trainable == expected
+
+
+def test_train_cnn_unfreezes_only_the_last_block(images):
+    encoder = EncoderCNN(EMBED, pretrained=False, train_cnn=True)
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in encoder.named_parameters() if n.startswith(("resnet.7.", "embed."))}
+    before = batchnorm_state(encoder)
+    encoder.train()
+    encoder(images).square().mean().backward()
+    assert all(p.grad is not None for p in encoder.resnet[7].parameters())
+    assert all(p.grad is None for p in encoder.resnet[6].parameters())
+    after = batchnorm_state(encoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # fine-tuning keeps the statistics too
+
+
+def test_state_dicts_round_trip_into_fresh_modules(encoder, images):
+    fresh = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
+    assert not torch.equal(fresh(images), encoder(images))
+    fresh.load_state_dict(encoder.state_dict(), strict=True)
+    assert torch.equal(fresh.eval()(images), encoder.eval()(images))
+    decoder = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2).eval()
+    other = DecoderRNN(EMBED, HIDDEN, VOCAB, num_layers=2).eval()
+    other.load_state_dict(decoder.state_dict(), strict=True)
+    features, captions = encoder(images), torch.randint(0, VOCAB, (2, 6))
+    assert torch.equal(other(features, captions), decoder(features, captions))
+
+
+def test_random_backbone_depends_only_on_its_seed(encoder):
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    backbone = resnet50_backbone(pretrained=False, seed=0)
+    assert torch.equal(torch.rand(3), expected_draw)  # the global random stream is left alone
+    resnet, same_resnet = encoder.resnet.state_dict(), backbone.state_dict()
+    assert resnet.keys() == same_resnet.keys()
+    assert all(torch.equal(resnet[k], same_resnet[k]) for k in resnet)
+    same = EncoderCNN(EMBED, pretrained=False, backbone_seed=0)
+    assert same.backbone_fingerprint() == encoder.backbone_fingerprint()
+    other = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
+    assert other.backbone_fingerprint() != encoder.backbone_fingerprint()

@@ -1,0 +1,360 @@
+"""prepare_data.py against a real HTTP server on 127.0.0.1 serving small zips shaped like COCO's."""
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import sys
+import threading
+import types
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+import prepare_data
+
+IMAGE_COUNTS = {"train2014": 3, "val2014": 2, "test2014": 2}
+FAST = ["--backoff", "0.01", "--retries", "2"]
+
+
+def tiny_jpeg(seed: int) -> bytes:
+    """A real 8x8 JPEG whose colour depends on seed."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 40 % 256, 80, 160)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    """A zip archive holding files (member name -> bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def coco_json(split: str, with_annotations: bool = True) -> bytes:
+    """A small COCO-style caption file for split."""
+    count = IMAGE_COUNTS[split]
+    data = {"images": [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in range(count)]}
+    if with_annotations:
+        data["annotations"] = [{"id": i, "image_id": i, "caption": "A cat on a mat."} for i in range(count)]
+    return json.dumps(data).encode()
+
+
+def make_archives() -> dict[str, bytes]:
+    """The six downloads, small, with the same member layout as the real ones."""
+    images = {
+        split: make_zip({f"{split}/COCO_{split}_{i:012d}.jpg": tiny_jpeg(i) for i in range(count)})
+        for split, count in IMAGE_COUNTS.items()
+    }
+    karpathy = {"images": [{"filename": "COCO_val2014_000000000000.jpg", "split": "test"}], "dataset": "coco"}
+    return {
+        "annotations_trainval2014.zip": make_zip({
+            "annotations/captions_train2014.json": coco_json("train2014"),
+            "annotations/captions_val2014.json": coco_json("val2014"),
+            "annotations/instances_val2014.json": coco_json("val2014"),
+        }),
+        "image_info_test2014.zip": make_zip({
+            "annotations/image_info_test2014.json": coco_json("test2014", with_annotations=False),
+        }),
+        "caption_datasets.zip": make_zip({
+            "dataset_coco.json": json.dumps(karpathy).encode(),
+            "dataset_flickr8k.json": b'{"images": []}',
+        }),
+        **{f"{split}.zip": data for split, data in images.items()},
+    }
+
+
+class Server:
+    """Files served over HTTP with Range support; records requests and can fail on purpose."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = dict(files)
+        self.requests: list[tuple[str, str | None]] = []  # (file name, Range header)
+        self.drop_once: set[str] = set()  # names whose first response stops half way
+        self.status: dict[str, int] = {}  # names answered with this HTTP status instead
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mirror"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def names(self) -> list[str]:
+        """The file names requested so far, in order."""
+        return [name for name, _ in self.requests]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests.append((name, self.headers.get("Range")))
+                if name in server.status:
+                    self.send_error(server.status[name])
+                    return
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                start = 0
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if match:
+                    start = int(match.group(1))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if name in server.drop_once:
+                    server.drop_once.discard(name)
+                    self.wfile.write(data[start:start + (len(data) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+        return Handler
+
+
+@pytest.fixture
+def archives() -> dict[str, bytes]:
+    return make_archives()
+
+
+@pytest.fixture
+def server(archives):
+    server = Server(archives)
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture
+def small_tables(monkeypatch, archives):
+    """Point the module's tables at the small archives: exact sizes, md5 for the image zips."""
+    table = []
+    for archive in prepare_data.ARCHIVES:
+        data = archives[archive.name]
+        md5 = hashlib.md5(data).hexdigest() if archive.group == "images" else None
+        table.append(dataclasses.replace(archive, size=len(data), md5=md5, unpacked_bytes=1000))
+    monkeypatch.setattr(prepare_data, "ARCHIVES", tuple(table))
+    monkeypatch.setattr(prepare_data, "EXPECTED_IMAGES", dict(IMAGE_COUNTS))
+    monkeypatch.delenv("COCO_BASE_URL", raising=False)
+
+
+def run(*argv: str) -> int:
+    return prepare_data.main(["coco", *argv])
+
+
+def test_full_run_produces_layout_and_rerun_downloads_nothing(tmp_path, server, small_tables, capsys):
+    root = tmp_path / "coco"
+    assert run("--root", str(root), "--base-url", server.url, *FAST) == 0
+    for split, count in IMAGE_COUNTS.items():
+        images = sorted((root / "images" / split).glob("*.jpg"))
+        assert len(images) == count
+        Image.open(images[0]).verify()
+    annotations = root / "annotations"
+    assert json.loads((annotations / "captions_train2014.json").read_text())["annotations"]
+    assert (annotations / "instances_val2014.json").is_file()  # the other files of the zip come along
+    assert "images" in json.loads((annotations / "image_info_test2014.json").read_text())
+    assert json.loads((annotations / "dataset_coco.json").read_text())["dataset"] == "coco"
+    assert not (annotations / "dataset_flickr8k.json").exists()
+    assert sorted(server.names()) == sorted(server.files)
+    leftovers = [p.name for p in (root / "downloads").iterdir() if not p.name.endswith(".zip.done")]
+    assert leftovers == []  # zips removed after unpacking, no .part or .tmp left
+    assert prepare_data.check_coco(root) == []
+    assert f"{root}: complete" in capsys.readouterr().out
+
+    server.requests.clear()
+    assert run("--root", str(root), "--base-url", server.url, *FAST) == 0
+    assert server.requests == []
+    assert "already unpacked" in capsys.readouterr().out
+
+
+def test_only_annotations_and_env_base_url(tmp_path, server, small_tables, monkeypatch):
+    monkeypatch.setenv("COCO_BASE_URL", server.url)
+    root = tmp_path / "coco"
+    prepare_data.prepare_coco(root, only="annotations", backoff=0.01)
+    assert sorted(server.names()) == ["annotations_trainval2014.zip", "caption_datasets.zip",
+                                      "image_info_test2014.zip"]
+    assert not (root / "images").exists()
+    assert prepare_data.check_coco(root, only="annotations") == []
+    assert len(prepare_data.check_coco(root)) == 3  # all three image folders missing
+
+
+def test_interrupted_download_resumes_with_range(tmp_path, server, archives):
+    server.drop_once.add("val2014.zip")
+    data = archives["val2014.zip"]
+    dest = tmp_path / "val2014.zip"
+    prepare_data.download(f"{server.url}/val2014.zip", dest, len(data), hashlib.md5(data).hexdigest(),
+                          retries=2, backoff=0.01)
+    assert dest.read_bytes() == data
+    assert not dest.with_name("val2014.zip.part").exists()
+    (first, first_range), (second, second_range) = server.requests
+    assert first == second == "val2014.zip"
+    assert first_range is None
+    assert second_range == f"bytes={len(data) // 2}-"
+
+
+def test_leftover_part_file_from_an_earlier_run_is_resumed(tmp_path, server, archives):
+    data = archives["train2014.zip"]
+    dest = tmp_path / "train2014.zip"
+    dest.with_name("train2014.zip.part").write_bytes(data[:100])
+    prepare_data.download(f"{server.url}/train2014.zip", dest, len(data), retries=0)
+    assert dest.read_bytes() == data
+    assert server.requests == [("train2014.zip", "bytes=100-")]
+
+
+def test_part_file_already_complete_with_unknown_size(tmp_path, server, archives):
+    data = archives["caption_datasets.zip"]
+    dest = tmp_path / "caption_datasets.zip"
+    dest.with_name("caption_datasets.zip.part").write_bytes(data)
+    prepare_data.download(f"{server.url}/caption_datasets.zip", dest, retries=0)
+    assert dest.read_bytes() == data
+    # answered with 416 and the total size, so nothing is fetched again
+    assert server.requests == [("caption_datasets.zip", f"bytes={len(data)}-")]
+
+
+def test_md5_mismatch_removes_the_file(tmp_path, server):
+    dest = tmp_path / "val2014.zip"
+    with pytest.raises(prepare_data.PrepareError, match="md5"):
+        prepare_data.download(f"{server.url}/val2014.zip", dest, md5="0" * 32, retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_mismatch_is_refused_before_downloading(tmp_path, server):
+    with pytest.raises(prepare_data.PrepareError, match="expected 5"):
+        prepare_data.download(f"{server.url}/val2014.zip", tmp_path / "val2014.zip", 5, retries=0)
+    assert not (tmp_path / "val2014.zip").exists()
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, server, small_tables, capsys):
+    server.status["annotations_trainval2014.zip"] = 503
+    assert run("--root", str(tmp_path), "--base-url", server.url, "--only", "annotations", *FAST) == 2
+    assert server.names() == ["annotations_trainval2014.zip"] * 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "retrying" in line]) == 2
+    assert err[-1].startswith("error: ") and "503" in err[-1] and "3 attempts" in err[-1]
+
+
+def test_404_is_a_clear_error(tmp_path, server, small_tables, capsys):
+    del server.files["image_info_test2014.zip"]
+    assert run("--root", str(tmp_path), "--base-url", server.url, "--only", "annotations", *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: {server.url}/image_info_test2014.zip: HTTP 404 Not Found"
+    assert "Traceback" not in err
+    assert server.names().count("image_info_test2014.zip") == 1  # a 404 is not retried
+    assert not list((tmp_path / "downloads").glob("image_info_test2014.zip*"))
+
+
+def test_corrupt_zip_is_removed_and_downloaded_again(tmp_path, server, small_tables, archives, capsys):
+    good = archives["caption_datasets.zip"]
+    bad = good[:50] + bytes([good[50] ^ 0xFF]) + good[51:]  # one byte of dataset_coco.json flipped: bad CRC
+    server.files["caption_datasets.zip"] = bad
+    root = tmp_path / "coco"
+    assert run("--root", str(root), "--base-url", server.url, "--only", "annotations", *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "caption_datasets.zip: not a valid zip file" in err and "run again" in err
+    assert not list((root / "downloads").glob("caption_datasets.zip*"))
+
+    server.files["caption_datasets.zip"] = good
+    server.requests.clear()
+    assert run("--root", str(root), "--base-url", server.url, "--only", "annotations", *FAST) == 0
+    assert server.names() == ["caption_datasets.zip"]
+    assert (root / "annotations" / "dataset_coco.json").is_file()
+
+
+def test_zip_members_cannot_escape_the_root(tmp_path, server, small_tables, monkeypatch):
+    server.files["image_info_test2014.zip"] = make_zip({"annotations/../../evil.json": b"{}"})
+    table = [dataclasses.replace(a, size=None) for a in prepare_data.ARCHIVES]
+    monkeypatch.setattr(prepare_data, "ARCHIVES", tuple(table))
+    root = tmp_path / "a" / "coco"
+    with pytest.raises(prepare_data.PrepareError, match="unsafe path"):
+        prepare_data.prepare_coco(root, only="annotations", base_url=server.url, backoff=0.01)
+    assert not list(tmp_path.rglob("evil.json"))
+    assert not (root / "downloads" / "image_info_test2014.zip").exists()
+
+
+def test_check_complete_and_incomplete_trees(tmp_path, server, small_tables, capsys):
+    root = tmp_path / "coco"
+    assert run("--root", str(root), "--check") == 2
+    out = capsys.readouterr().out
+    assert f"{root / 'images' / 'train2014'}: missing (expected 3 images)" in out
+    assert f"{root / 'annotations' / 'dataset_coco.json'}: missing" in out
+    assert "7 problems" in out
+
+    assert run("--root", str(root), "--base-url", server.url, *FAST) == 0
+    capsys.readouterr()
+    assert run("--root", str(root), "--check") == 0
+    assert f"{root}: complete" in capsys.readouterr().out
+
+    next((root / "images" / "val2014").glob("*.jpg")).unlink()
+    (root / "annotations" / "captions_val2014.json").write_text('{"images": [')
+    (root / "annotations" / "image_info_test2014.json").write_text('{"info": {}}')
+    assert prepare_data.check_coco(root) == [
+        f"{root / 'images' / 'val2014'}: 1 of 2 images",
+        f"{root / 'annotations' / 'captions_val2014.json'}: not valid JSON "
+        "(Expecting value: line 1 column 13 (char 12))",
+        f"{root / 'annotations' / 'image_info_test2014.json'}: no 'images' key",
+    ]
+    assert run("--root", str(root), "--check") == 2
+
+
+def test_disk_space_is_checked_before_downloading(tmp_path, server, small_tables, monkeypatch, capsys):
+    table = [dataclasses.replace(a, unpacked_bytes=10**18) for a in prepare_data.ARCHIVES]
+    monkeypatch.setattr(prepare_data, "ARCHIVES", tuple(table))
+    assert run("--root", str(tmp_path), "--base-url", server.url, *FAST) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not enough disk space" in err[0] and "GB short" in err[0]
+    assert server.requests == []
+
+
+def test_disk_space_need_and_shortfall(tmp_path, small_tables):
+    archives = list(prepare_data.ARCHIVES)
+    sizes = [a.size for a in archives]
+    unpacked = 1000 * len(archives)
+    assert prepare_data.bytes_needed(tmp_path, archives) == unpacked + max(sizes)
+    assert prepare_data.bytes_needed(tmp_path, archives, keep_archives=True) == unpacked + sum(sizes)
+    prepare_data.ensure_disk_space(tmp_path, needed=10 * 10**9, free=11 * 10**9)
+    shortfall = r"need about 30.0 GB, 12.5 GB free \(17.5 GB short\)"
+    with pytest.raises(prepare_data.PrepareError, match=shortfall):
+        prepare_data.ensure_disk_space(tmp_path, needed=30 * 10**9, free=12_500_000_000)
+
+
+def test_cocoapi_layout_links_instead_of_copying(tmp_path, server, small_tables):
+    root = tmp_path / "coco"
+    assert run("--root", str(root), "--base-url", server.url, "--cocoapi-layout", *FAST) == 0
+    cocoapi = root / "cocoapi"
+    assert (cocoapi / "images").is_symlink() and (cocoapi / "annotations").is_symlink()
+    assert len(list((cocoapi / "images" / "train2014").glob("*.jpg"))) == 3
+    assert json.loads((cocoapi / "annotations" / "captions_train2014.json").read_text())["images"]
+    server.requests.clear()
+    assert run("--root", str(root), "--base-url", server.url, "--cocoapi-layout", *FAST) == 0
+    assert server.requests == []
+
+
+def test_bad_base_url_is_one_line(tmp_path, small_tables, capsys):
+    assert run("--root", str(tmp_path), "--base-url", "ftp://example.org/coco") == 2
+    err = capsys.readouterr().err
+    assert err == "error: base URL must start with http:// or https://: 'ftp://example.org/coco'\n"
+
+
+def test_sample_subcommand_calls_make_sample_dataset(tmp_path, monkeypatch, capsys):
+    calls = []
+    module = types.ModuleType("sample_data")
+    module.make_sample_dataset = lambda root, seed=0: calls.append((root, seed)) or {"root": str(root)}
+    monkeypatch.setitem(sys.modules, "sample_data", module)
+    assert prepare_data.main(["sample", "--root", str(tmp_path / "s"), "--seed", "3"]) == 0
+    assert calls == [(tmp_path / "s", 3)]
+    assert capsys.readouterr().out.strip() == str({"root": str(tmp_path / "s")})

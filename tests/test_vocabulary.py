@@ -1,0 +1,237 @@
+"""Vocabulary: id/threshold semantics, encode/decode, template pickle compatibility both ways, safe loading."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vocabulary import Vocabulary, VocabularyError, tokenize, tokenize_annotations
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The Udacity CVND template's vocabulary.py, as the published vocab.pkl files were made with it (the only change:
+# preserve_line=True, because NLTK's punkt data cannot be downloaded here; it does not affect the pickle layout).
+TEMPLATE_VOCABULARY = textwrap.dedent(
+    '''
+    import nltk
+    import pickle
+    import os.path
+    from pycocotools.coco import COCO
+    from collections import Counter
+
+    class Vocabulary(object):
+
+        def __init__(self, vocab_threshold, vocab_file='./vocab.pkl', start_word="<start>", end_word="<end>",
+                     unk_word="<unk>", annotations_file='../cocoapi/annotations/captions_train2014.json',
+                     vocab_from_file=False):
+            self.vocab_threshold = vocab_threshold
+            self.vocab_file = vocab_file
+            self.start_word = start_word
+            self.end_word = end_word
+            self.unk_word = unk_word
+            self.annotations_file = annotations_file
+            self.vocab_from_file = vocab_from_file
+            self.get_vocab()
+
+        def get_vocab(self):
+            if os.path.exists(self.vocab_file) & self.vocab_from_file:
+                with open(self.vocab_file, 'rb') as f:
+                    vocab = pickle.load(f)
+                    self.word2idx = vocab.word2idx
+                    self.idx2word = vocab.idx2word
+            else:
+                self.build_vocab()
+                with open(self.vocab_file, 'wb') as f:
+                    pickle.dump(self, f, protocol=PROTOCOL)
+
+        def build_vocab(self):
+            self.init_vocab()
+            self.add_word(self.start_word)
+            self.add_word(self.end_word)
+            self.add_word(self.unk_word)
+            self.add_captions()
+
+        def init_vocab(self):
+            self.word2idx = {}
+            self.idx2word = {}
+            self.idx = 0
+
+        def add_word(self, word):
+            if not word in self.word2idx:
+                self.word2idx[word] = self.idx
+                self.idx2word[self.idx] = word
+                self.idx += 1
+
+        def add_captions(self):
+            coco = COCO(self.annotations_file)
+            counter = Counter()
+            ids = coco.anns.keys()
+            for i, id in enumerate(ids):
+                caption = str(coco.anns[id]['caption'])
+                tokens = nltk.tokenize.word_tokenize(caption.lower(), preserve_line=True)
+                counter.update(tokens)
+            words = [word for word, cnt in counter.items() if cnt >= self.vocab_threshold]
+            for i, word in enumerate(words):
+                self.add_word(word)
+
+        def __call__(self, word):
+            if not word in self.word2idx:
+                return self.word2idx[self.unk_word]
+            return self.word2idx[word]
+
+        def __len__(self):
+            return len(self.word2idx)
+    '''
+)
+TEMPLATE_ATTRIBUTES = {
+    "vocab_threshold", "vocab_file", "start_word", "end_word", "unk_word",
+    "annotations_file", "vocab_from_file", "word2idx", "idx2word", "idx",
+}
+
+
+def run_template(tmp_path: Path, code: str, protocol: int = 3) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python whose `vocabulary` module is the template's."""
+    template_dir = tmp_path / "template"
+    template_dir.mkdir(exist_ok=True)
+    (template_dir / "vocabulary.py").write_text(f"PROTOCOL = {protocol}\n" + TEMPLATE_VOCABULARY)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=template_dir, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(template_dir)},
+    )
+
+
+def write_captions(path: Path, captions: list[str]) -> Path:
+    images = [{"id": 1, "file_name": "a.jpg", "width": 1, "height": 1}]
+    anns = [{"id": 100 + i, "image_id": 1, "caption": c} for i, c in enumerate(captions)]
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+CAPTIONS = ["A dog runs.", "The dog sleeps", "A cat and a dog", "A zebra!", "the CAT runs"]
+
+
+def test_ids_threshold_and_first_appearance_order(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    vocab = Vocabulary(2, str(tmp_path / "vocab.pkl"), annotations_file=str(ann))
+    # counts: a 3, dog 3, runs 2, . 1, the 2, sleeps 1, cat 2, and 1, zebra 1, ! 1
+    assert [vocab.idx2word[i] for i in range(len(vocab))] == ["<start>", "<end>", "<unk>", "a", "dog", "runs", "the", "cat"]
+    assert vocab.word2idx["<start>"] == 0 and vocab("<end>") == 1 and vocab("<unk>") == 2
+    assert vocab("zebra") == 2 and vocab("never-seen") == 2
+    assert len(vocab) == vocab.idx == 8
+    assert len(Vocabulary(1, str(tmp_path / "v1.pkl"), annotations_file=str(ann))) == 13
+
+
+def test_encode_decode_round_trip(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    vocab = Vocabulary(1, str(tmp_path / "vocab.pkl"), annotations_file=str(ann))
+    ids = vocab.encode("A cat and a dog.")
+    assert ids[0] == vocab.start_id and ids[-1] == vocab.end_id
+    assert vocab.decode(ids) == "a cat and a dog ."
+    assert vocab.decode(ids + [vocab("dog"), vocab("runs")]) == "a cat and a dog ."  # stops at <end>
+    assert vocab.decode([vocab("a"), vocab("unicorn")]) == "a <unk>"
+    assert tokenize("Two men, one dog.") == ["two", "men", ",", "one", "dog", "."]
+
+
+def test_tokenized_once_and_cached(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    first = tokenize_annotations(ann)
+    assert first[100] == ["a", "dog", "runs", "."]
+    assert tokenize_annotations(ann) is first  # same object: not tokenized again
+    os.utime(ann, ns=(1, 1))
+    assert tokenize_annotations(ann) is not first  # a changed file is re-tokenized
+
+
+@pytest.mark.parametrize("protocol", [3, 4])
+def test_template_pickles_load(tmp_path, protocol):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    pkl = tmp_path / "vocab.pkl"
+    run_template(tmp_path, f"from vocabulary import Vocabulary; Vocabulary(2, {str(pkl)!r}, annotations_file={str(ann)!r})",
+                 protocol)
+    assert pkl.read_bytes()[:2] == bytes([0x80, protocol])
+    vocab = Vocabulary.load(pkl)
+    assert set(vars(vocab)) == TEMPLATE_ATTRIBUTES
+    assert vocab.word2idx == Vocabulary(2, str(tmp_path / "ours.pkl"), annotations_file=str(ann)).word2idx
+    assert vocab.decode(vocab.encode("the dog runs")) == "the dog runs"  # methods work on a template object
+    # The template's way of loading through the constructor works too.
+    again = Vocabulary(None, str(pkl), vocab_from_file=True)
+    assert again.idx2word == vocab.idx2word
+
+
+def test_our_pickle_loads_with_plain_pickle_and_in_the_template(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    pkl = tmp_path / "vocab.pkl"
+    ours = Vocabulary(1, str(pkl), annotations_file=str(ann))
+    assert set(vars(ours)) == TEMPLATE_ATTRIBUTES
+    plain = subprocess.run(
+        [sys.executable, "-c", f"import pickle; v = pickle.load(open({str(pkl)!r}, 'rb')); print(len(v), v('dog'))"],
+        cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert plain.stdout.split() == [str(len(ours)), str(ours("dog"))]
+    template = run_template(
+        tmp_path, f"import pickle; v = pickle.load(open({str(pkl)!r}, 'rb')); print(type(v).__module__, len(v), v('cat'))"
+    )
+    assert template.stdout.split() == ["vocabulary", str(len(ours)), str(ours("cat"))]
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "vocab.pkl"
+    evil.write_bytes(pickle.dumps({"word2idx": _Exploit(marker)}, protocol=4))
+    with pytest.raises(VocabularyError, match=r"vocab\.pkl.*(posix|os)\.system"):
+        Vocabulary.load(evil)
+    assert not marker.exists()
+    pickle.loads(evil.read_bytes())  # the same bytes really do run a command when unpickled naively
+    assert marker.exists()
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(VocabularyError, match="missing.pkl.*cannot read"):
+        Vocabulary.load(tmp_path / "missing.pkl")
+    lfs = tmp_path / "lfs.pkl"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(VocabularyError, match="git lfs pull"):
+        Vocabulary.load(lfs)
+    torn = tmp_path / "torn.pkl"
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    Vocabulary(1, str(torn), annotations_file=str(ann))
+    torn.write_bytes(torn.read_bytes()[:40])
+    with pytest.raises(VocabularyError, match="torn.pkl"):
+        Vocabulary.load(torn)
+    not_vocab = tmp_path / "list.pkl"
+    not_vocab.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(VocabularyError, match="does not hold a Vocabulary"):
+        Vocabulary.load(not_vocab)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not a COCO caption file"):
+        Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(bad_json))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    pkl = tmp_path / "vocab.pkl"
+    vocab = Vocabulary(1, str(pkl), annotations_file=str(ann))
+    before = pkl.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # dies mid-write
+
+    monkeypatch.setattr(pickle, "dump", crash)
+    vocab.word2idx["extra"] = 99
+    with pytest.raises(KeyboardInterrupt):
+        vocab.save(pkl)
+    assert pkl.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "vocab.pkl"]  # no temp file left
