@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data_loader import ImageFileDataset, build_transform
+from fileio import atomic_write
 from model import END_ID, DecoderRNN, EncoderCNN, load_pretrained, resolve_device
 from vocabulary import Vocabulary
 
@@ -76,10 +76,11 @@ def caption_image_files(
     dataset = ImageFileDataset(paths, build_transform(image_size), image_size)
     loader = DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     captions: list[str | None] = [None] * len(dataset)
-    with eval_mode(encoder, decoder):
-        for images, indices, ok in tqdm(
-            loader, desc="captioning", unit="batch", leave=False, mininterval=2.0
-        ):
+    # A bar updated by hand: tqdm.auto wrapped around a DataLoader iterates it twice (two sets of workers).
+    progress = tqdm(total=len(dataset), desc="captioning", unit="img", leave=False, mininterval=2.0)
+    with eval_mode(encoder, decoder), progress:
+        for images, indices, ok in loader:
+            progress.update(len(indices))
             if not ok.any():
                 continue
             features = encoder(images[ok].to(device, non_blocking=True))
@@ -117,16 +118,8 @@ def coco_image_id(path: str | os.PathLike) -> int | str:
 
 def write_results(results: list[dict], path: str | os.PathLike) -> None:
     """COCO results JSON `[{"image_id": ..., "caption": ...}]`, written atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
 
 
 def positive_int(text: str) -> int:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from caption import caption_image_files
 from data_loader import coco_image_files, dataset_paths
+from fileio import atomic_write
 from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
 from vocabulary import Vocabulary, VocabularyError
 
@@ -90,15 +90,8 @@ def load_results(path: str | Path) -> list[dict]:
 
 def save_results(results: list[dict], path: str | Path) -> None:
     """Write captions as a COCO results JSON file, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in results], f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in results], f)
 
 
 def references_from_coco(path: str | Path) -> dict[int, list[str]]:

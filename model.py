@@ -1,6 +1,8 @@
 """The captioner: EncoderCNN (frozen ResNet-50 + Linear) and DecoderRNN (Embedding, LSTM, Linear).
 
 Attribute names match the Udacity CVND template, so `encoder-N.pkl` / `decoder-N.pkl` state dicts move both ways.
+Also here: batched greedy / beam / sampled decoding (methods of DecoderRNN) and `load_pretrained()`, which loads
+the weight files of this project and of the CVND family (renamed layers, PyTorch 0.4 files) with clear errors.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 
+from fileio import atomic_write
 from vocabulary import Vocabulary
 
 FEATURE_SIZE = 2048  # ResNet-50's pooled output
@@ -211,7 +213,8 @@ class DecoderRNN(nn.Module):
         best beam_size that end with <end> move to a pool of finished hypotheses (the beam_size best are kept), the
         beam_size best others stay live. At `max_len` the best candidates are finished as they are. An image is
         done when no live beam can still beat the worst finished one; the loop stops when all images are done.
-        Equal scores go to the higher-ranked beam, then to the lower word id (as argmax does).
+        Equal scores go to the higher-ranked beam, then to the lower word id (as argmax does). The host waits on
+        the device twice per step (the tie check in `top_k_first` and the stop test), not per image.
 
         Returns per image the best id sequence; with `top_n` (<= beam_size) a list of up to top_n
         (ids, score) pairs, best first, where score is the ranking score above.
@@ -245,10 +248,11 @@ class DecoderRNN(nn.Module):
             # Finished: the best k candidates that emitted <end> (or all best k at max_len), merged into the pool.
             finishing = (rank < k) & (ended | last)
             new_scores = torch.where(finishing, scores / length**length_penalty, minus_inf)
-            merged_scores, keep = torch.cat((done_scores, new_scores), 1).sort(
+            merged = torch.cat((done_scores, new_scores), 1)
+            done_scores, keep = merged.sort(
                 dim=1, descending=True, stable=True
-            )
-            done_scores, keep = merged_scores[:, :k], keep[:, :k]
+            )  # earlier finished first on ties
+            done_scores, keep = done_scores[:, :k], keep[:, :k]
             done_ids = torch.cat((done_ids, ids), 1).gather(1, keep.unsqueeze(-1).expand(-1, -1, max_len))
             done_lengths = torch.cat((done_lengths, torch.full_like(new_scores, length, dtype=torch.long)), 1)
             done_lengths = done_lengths.gather(1, keep)
@@ -256,10 +260,8 @@ class DecoderRNN(nn.Module):
                 break
             # Live: the best k candidates that did not emit <end>.
             live = torch.argsort(rank + ended * 2 * k, dim=1, stable=True)[:, :k]
-            live_scores, live_ids = (
-                scores.gather(1, live),
-                ids.gather(1, live.unsqueeze(-1).expand(-1, -1, max_len)),
-            )
+            live_scores = scores.gather(1, live)
+            live_ids = ids.gather(1, live.unsqueeze(-1).expand(-1, -1, max_len))
             rows = (torch.arange(batch, device=device).unsqueeze(1) * k + beam.gather(1, live)).view(-1)
             states = tuple(s.index_select(1, rows) for s in states)
             inputs = self.embed(word.gather(1, live).view(-1))
@@ -304,8 +306,6 @@ def top_k_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 # Loading published weights: encoder-N.pkl / decoder-N.pkl / vocab.pkl of this project and of the CVND family
 # ---------------------------------------------------------------------------------------------------------------
 
-EMBEDDING_NAMES = ("embed", "word_embeddings", "embedding", "caption_embeddings")
-OUTPUT_NAMES = ("fc", "hidden2vocab", "linear", "FC")
 TRAIN_CONFIG = "train_config.json"
 
 
@@ -343,7 +343,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except EOFError:
         raise WeightsFileError(f"{path}: truncated or corrupt weights file (it ends early)") from None
     except OSError:  # the file was readable above: this is torch failing to parse it
-        raise WeightsFileError(f"{path}: truncated or corrupt weights file (not a complete archive)") from None
+        raise WeightsFileError(
+            f"{path}: truncated or corrupt weights file (not a complete archive)"
+        ) from None
     except Exception as e:
         lines = str(e).strip().splitlines()
         reason = lines[0].split(". ")[0] if lines else type(e).__name__
@@ -360,8 +362,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> EncoderCNN:
     """An EncoderCNN with the weights of an `encoder-N.pkl`, in eval mode on `device`.
 
-    The embed size comes from `embed.weight`; BatchNorm counters missing from old files are added;
-    `image_size` comes from a train_config.json beside the file (else 224).
+    The embed size comes from `embed.weight`; BatchNorm counters missing from old files start at 0 (BatchNorm's
+    own loading does that); `image_size` comes from a train_config.json beside the file (else 224).
     """
     path = Path(path)
     state = read_state_dict(path)
@@ -375,8 +377,6 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise WeightsFileError(f"{path}: not an encoder weights file (needs embed.weight of shape [E, 2048])")
     if not any(k.startswith("resnet.") for k in state):
         raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
-    for key in [k for k in state if k.endswith(".running_mean")]:
-        state.setdefault(key.replace(".running_mean", ".num_batches_tracked"), torch.tensor(0))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"):  # no random init of 25M weights that are about to be replaced
         encoder = EncoderCNN(embed.shape[0], pretrained=False)
@@ -385,14 +385,16 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     except RuntimeError as e:
         raise WeightsFileError(f"{path}: not a ResNet-50 encoder of this layout ({_mismatch(e)})") from None
     encoder.image_size = image_size
-    return encoder.to(device).eval()
+    return encoder.to(resolve_device(device)).eval()
 
 
 def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> DecoderRNN:
     """A DecoderRNN with the weights of a `decoder-N.pkl`, in eval mode on `device`.
 
-    Sizes and layer count are read from the shapes; the embedding and output layers are found by role and shape
-    under any of the names used in the CVND family (`word_embeddings`, `hidden2vocab`, ...).
+    Sizes and layer count are read from the shapes. The embedding (the one layer with only a [V, E] weight) and the
+    output layer (the one with a [V, H] weight and a [V] bias) are found by role and shape, so the names used in
+    the CVND family (`embed`, `word_embeddings`, `embedding`, `caption_embeddings`; `fc`, `hidden2vocab`,
+    `linear`, `FC`) all load.
     """
     path = Path(path)
     state = read_state_dict(path)
@@ -430,8 +432,8 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             and p["bias"].shape == p["weight"].shape[:1]
         )
 
-    embedding = _find_layer(layers, EMBEDDING_NAMES, is_embedding, "word embedding", path)
-    output = _find_layer(layers, OUTPUT_NAMES, is_output, "output layer", path)
+    embedding = _find_layer(layers, is_embedding, "word embedding", path)
+    output = _find_layer(layers, is_output, "output layer", path)
     vocab_size = layers[embedding]["weight"].shape[0]
     if layers[output]["weight"].shape[0] != vocab_size:
         raise WeightsFileError(
@@ -452,14 +454,11 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         decoder.load_state_dict(renamed, strict=True)
     except RuntimeError as e:
         raise WeightsFileError(f"{path}: not an LSTM decoder of this layout ({_mismatch(e)})") from None
-    return decoder.to(device).eval()
+    return decoder.to(resolve_device(device)).eval()
 
 
-def _find_layer(layers: dict, names: tuple[str, ...], fits, role: str, path: Path) -> str:
-    """The layer that plays `role`: the first of the usual names that fits, else the only layer that fits."""
-    for name in names:
-        if name in layers and fits(layers[name]):
-            return name
+def _find_layer(layers: dict, fits, role: str, path: Path) -> str:
+    """The one layer whose parameters fit `role`, whatever its name."""
     fitting = [name for name, params in layers.items() if fits(params)]
     if len(fitting) == 1:
         return fitting[0]
@@ -539,14 +538,5 @@ def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save through a temp file in the same folder and a rename: a crash never leaves a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)

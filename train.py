@@ -51,6 +51,7 @@ from data_loader import (
     get_loader,
     load_coco,
 )
+from fileio import atomic_write
 from model import (
     FEATURE_SIZE,
     DecoderRNN,
@@ -65,6 +66,7 @@ from vocabulary import Vocabulary, VocabularyError, tokenize_annotations
 
 CACHE_FORMAT = 1  # bump when the cache layout or the extraction changes
 CHECKPOINT_FORMAT = 1
+STATS_IMAGES = 512  # images whose features give the standardisation statistics when there is no cache
 VIEWS = ("centre", "mirror")  # cached augmentation views of a training image; validation uses the centre only
 
 
@@ -98,9 +100,9 @@ class TrainConfig:
     # what to train on
     cache: bool = True  # train from cached ResNet features (--no-cache: every image through the ResNet, every step)
     train_cnn: bool = False  # fine-tune the ResNet's last block (resnet.7); implies --no-cache
-    blind: bool = False  # baseline: features that carry no image information (zeros); default out dir models/blind
+    blind: bool = False  # baseline: features that carry no image information (zeros); default out dir gets "-blind"
     # files and machinery
-    out_dir: str | None = None  # where weights, vocab.pkl, metrics and checkpoint.pt go (default: models)
+    out_dir: str | None = None  # where weights, vocab.pkl, metrics and checkpoint.pt go (default: models, models/sample)
     cache_dir: str = ".cache/features"  # where the feature caches live
     resume: bool = False  # continue from out_dir/checkpoint.pt
     checkpoint_every: int = 200  # also write checkpoint.pt every this many steps within an epoch (0: epoch ends only)
@@ -111,12 +113,13 @@ class TrainConfig:
     nan_at_step: int = 0  # testing aid: turn the loss of this (1-based, global) step into NaN (0: never)
 
 
-# What `--data` means; explicit settings override these. The sample preset trains in about a minute on 2 CPU
-# cores (its images are 96 px, so 64 px crops lose nothing); coco is the seeds' setting.
+# What `--data` means; explicit settings override these. coco is the seeds' setting. The sample preset is sized
+# for 2 CPU cores: a smaller one-layer LSTM (the seeds' 512/512/2 runs about 10x slower there), 64 px crops of
+# its 96 px images, no ImageNet weights (offline; the random ResNet is seeded), about a minute of training.
 PRESETS: dict[str, dict] = {
     "sample": dict(
         image_size=64, vocab_threshold=2, pretrained=False, embed_size=128, hidden_size=256, num_layers=1,
-        dropout=0.0, epochs=4, batch_size=64, lr=3e-3,
+        dropout=0.0, epochs=6, batch_size=64, lr=3e-3,
     ),
     "coco": dict(
         image_size=224, vocab_threshold=4, pretrained=True, embed_size=512, hidden_size=512, num_layers=2,
@@ -146,7 +149,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.data_root is None:
         cfg.data_root = str(dataset_paths(cfg.data)["root"])
     if cfg.out_dir is None:
-        cfg.out_dir = "models/blind" if cfg.blind else "models"
+        cfg.out_dir = ("models" if cfg.data == "coco" else f"models/{cfg.data}") + ("-blind" if cfg.blind else "")
     for name in ("image_size", "embed_size", "hidden_size", "num_layers", "epochs", "batch_size", "num_workers",
                  "extract_batch_size", "log_every", "checkpoint_every", "nan_at_step", "vocab_threshold"):
         value = getattr(cfg, name)
@@ -304,10 +307,10 @@ def caption_table(split: Split, vocab: Vocabulary, readable: np.ndarray) -> Capt
     if not encoded:
         raise TrainingError(f"{split.annotations}: none of its captions has a readable image")
     lengths = np.array([len(ids) for ids in encoded])
-    padded = torch.zeros(len(encoded), int(lengths.max()), dtype=torch.long)
+    padded = np.zeros((len(encoded), lengths.max()), dtype=np.int64)
     for i, ids in enumerate(encoded):
-        padded[i, : len(ids)] = torch.tensor(ids)
-    return CaptionTable(padded, lengths, torch.tensor(rows), len(split.captions) - len(encoded))
+        padded[i, : len(ids)] = ids
+    return CaptionTable(torch.from_numpy(padded), lengths, torch.tensor(rows), len(split.captions) - len(encoded))
 
 
 def epoch_index(batches: list[list[int]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -449,7 +452,7 @@ def extract_features(
             images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
             if mirror:
                 images = torch.cat([images, images.flip(-1)])
-            features = encoder.backbone(images).view(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1)
+            features = encoder.backbone(images).reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1)
             out[index.numpy()] = features.to("cpu", torch.float16).numpy()
             readable[index.numpy()] = ok.numpy()
             bar.update(len(index))
@@ -485,22 +488,68 @@ class FeatureTable:
 
 
 class Captioner(nn.Module):
-    """Encoder and decoder as one module, so DistributedDataParallel sees every trainable parameter."""
+    """Encoder and decoder as one module, so DistributedDataParallel sees every trainable parameter.
+
+    `embed` trains on standardised ResNet features, (x - feature_mean) / feature_std: the pooled features of a
+    random ResNet share a large common offset (mean ~11, spread ~2 on the sample set), and a linear probe trained
+    on them with Adam stays at chance for colour where one on standardised features gets 80%. `encoder_state`
+    folds the standardisation into `embed`, so the saved encoder maps raw features exactly as the template's.
+    """
 
     def __init__(self, encoder: EncoderCNN, decoder: DecoderRNN):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.register_buffer("feature_mean", torch.zeros(FEATURE_SIZE))
+        self.register_buffer("feature_std", torch.ones(FEATURE_SIZE))
 
     def forward(self, captions: torch.Tensor, features: torch.Tensor | None = None, images=None) -> torch.Tensor:
-        """Logits [B, L, V] from cached ResNet features [B, 2048] or from images [B, 3, S, S]."""
-        embedded = self.encoder(images) if images is not None else self.encoder.embed(features)
+        """Logits [B, L, V] from ResNet features [B, 2048] (cached) or from images [B, 3, S, S]."""
+        if images is not None:
+            features = self.encoder.backbone(images)
+        embedded = self.encoder.embed((features - self.feature_mean) / self.feature_std)
         return self.decoder(embedded, captions)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The EncoderCNN state dict on the CPU, with the standardisation folded into `embed` (same keys)."""
+        state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        weight = state["embed.weight"].double() / self.feature_std.cpu().double()
+        state["embed.bias"] = (state["embed.bias"].double() - weight @ self.feature_mean.cpu().double()).float()
+        state["embed.weight"] = weight.float()
+        return state
+
+
+def feature_stats(features: np.ndarray, readable: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the readable images' features [images, views, 2048]."""
+    total = np.zeros(FEATURE_SIZE)
+    squares = np.zeros(FEATURE_SIZE)
+    count = 0
+    rows = np.flatnonzero(readable)
+    for start in range(0, len(rows), 4096):
+        chunk = np.asarray(features[rows[start : start + 4096]], dtype=np.float64).reshape(-1, FEATURE_SIZE)
+        total += chunk.sum(0)
+        squares += (chunk**2).sum(0)
+        count += len(chunk)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0))
+    std = np.maximum(std, 0.01 * std.mean() + 1e-6)  # a (nearly) constant dimension must not blow up
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def sampled_feature_stats(encoder: EncoderCNN, paths: list[Path], cfg: TrainConfig,
+                          runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature statistics without a cache: from the centre views of up to STATS_IMAGES evenly spread images."""
+    subset = paths[:: max(1, len(paths) // STATS_IMAGES)][:STATS_IMAGES]
+    features = np.zeros((len(subset), 1, FEATURE_SIZE), dtype=np.float16)
+    readable = np.zeros(len(subset), dtype=bool)
+    extract_features(encoder, subset, features, readable, image_size=cfg.image_size, mirror=False, runtime=runtime,
+                     batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, desc="feature statistics")
+    return feature_stats(features, readable)
 
 
 def trainable_state(model: Captioner) -> dict[str, torch.Tensor]:
-    """The weights training changes (encoder.embed, the decoder, resnet.7 when fine-tuned), on the CPU."""
+    """What training changes or needs to continue (embed, decoder, resnet.7 if fine-tuned, feature stats), on CPU."""
     state = model.state_dict()
-    keep = ("encoder.embed.", "decoder.") + (("encoder.resnet.7.",) if model.encoder.train_cnn else ())
+    keep = ("encoder.embed.", "decoder.", "feature_") + (("encoder.resnet.7.",) if model.encoder.train_cnn else ())
     return {k: v.detach().cpu() for k, v in state.items() if k.startswith(keep)}
 
 
@@ -528,7 +577,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainingError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from None
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path}: not a checkpoint of this train.py (format {CHECKPOINT_FORMAT})")
     return checkpoint
@@ -555,18 +605,6 @@ def check_resumable(checkpoint: dict, cfg: TrainConfig, vocab: Vocabulary, backb
                             f"{checkpoint['world_size']} (each takes its own share of the batches)")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Figure:
     """Train/validation loss and validation perplexity per epoch from a metrics.jsonl; saved as PNG if asked.
 
@@ -587,13 +625,10 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike | 
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     if png_path is not None:
-        png_path = Path(png_path)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100)
-        fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(png_path) as f:
             f.write(buffer.getvalue())
-        os.replace(tmp, png_path)
     return figure
 
 
@@ -650,7 +685,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         vocab.save(out / "vocab.pkl")
         config_json = asdict(cfg) | {"vocab_size": len(vocab), "backbone_fingerprint": backbone}
-        atomic_write_text(out / "train_config.json", json.dumps(config_json, indent=2) + "\n")
+        with atomic_write(out / "train_config.json", "w") as f:
+            f.write(json.dumps(config_json, indent=2) + "\n")
         if checkpoint is None and checkpoint_path.exists():
             print(f"note: starting afresh; {checkpoint_path} will be replaced (--resume continues it)", flush=True)
     runtime.barrier()
@@ -666,6 +702,13 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     everything = np.ones(len(train_split.image_ids), dtype=bool)
     train_table = caption_table(train_split, vocab, train_cache.readable if train_cache else everything)
     train_features = FeatureTable(train_cache, runtime.device)
+    if checkpoint is None and not cfg.blind:  # a resumed run has them from the checkpoint
+        if train_cache is not None:
+            mean, std = feature_stats(train_cache.features, train_cache.readable)
+        else:
+            mean, std = sampled_feature_stats(encoder, train_split.paths, cfg, runtime)
+        model.feature_mean.copy_(mean)
+        model.feature_std.copy_(std)
     if uses_cache or cfg.blind:
         train_sampler = BucketBatchSampler(train_table.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                            num_replicas=runtime.world_size, rank=runtime.rank)
@@ -708,7 +751,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             print(f"resuming {checkpoint_path} at {where}", flush=True)
     if runtime.is_main:
         source = "cached features" if uses_cache else "zero features (blind)" if cfg.blind else "images"
-        print(f"training on {len(train_table.rows)} captions of {cfg.data} ({source}, {cfg.image_size}px), "
+        skipped = f", {train_cache.skipped} unreadable images skipped" if train_cache and train_cache.skipped else ""
+        print(f"training on {len(train_table.rows)} captions of {cfg.data} ({source}, {cfg.image_size}px{skipped}), "
               f"{len(vocab)} words, {steps_per_epoch} steps/epoch, {runtime.world_size} process(es) on "
               f"{runtime.device} -> {out}", flush=True)
 
@@ -786,46 +830,45 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             train_sampler.set_epoch(epoch, start_step)
             torch.manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, start_step, LOADER_STREAM))
             steps = (_image_batch(batch, runtime, cfg.image_size, vocab) for batch in train_loader)
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   disable=not runtime.is_main, dynamic_ncols=True)
-        window_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        window_tokens = 0
-        for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
-            global_step = (epoch - 1) * steps_per_epoch + step
-            torch.manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM))
-            with autocast(runtime):
-                outputs = ddp(captions, features=features, images=images)
-            loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
-            if global_step + 1 == cfg.nan_at_step:
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            bad_now = torch.where(torch.isfinite(loss), no_bad_step, global_step)
-            torch.minimum(first_bad, bad_now, out=first_bad)
-            n_tokens = captions.numel() * int(weight)
-            loss_sum += loss.detach() * n_tokens
-            window_loss += loss.detach() * n_tokens
-            tokens += n_tokens
-            window_tokens += n_tokens
-            captions_seen += len(captions) * int(weight)
-            bar.update(1)
-            done = step + 1
-            if done % cfg.log_every == 0:
-                stop_if_diverged()
-                bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2g}")
-                window_loss.zero_()
-                window_tokens = 0
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
-                loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
-                seconds = seconds_before + time.perf_counter() - epoch_started
-                save_checkpoint(epoch, done, {"loss_sum": loss_total, "tokens": int(tokens_total),
-                                              "captions": int(captions_total), "seconds": seconds})
-        bar.close()
+        with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                  disable=not runtime.is_main, dynamic_ncols=True) as bar:
+            window_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            window_tokens = 0
+            for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
+                global_step = (epoch - 1) * steps_per_epoch + step
+                torch.manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM))
+                with autocast(runtime):
+                    outputs = ddp(captions, features=features, images=images)
+                loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
+                if global_step + 1 == cfg.nan_at_step:
+                    loss = loss * float("nan")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                bad_now = torch.where(torch.isfinite(loss), no_bad_step, global_step)
+                torch.minimum(first_bad, bad_now, out=first_bad)
+                n_tokens = captions.numel() * int(weight)
+                loss_sum += loss.detach() * n_tokens
+                window_loss += loss.detach() * n_tokens
+                tokens += n_tokens
+                window_tokens += n_tokens
+                captions_seen += len(captions) * int(weight)
+                bar.update(1)
+                done = step + 1
+                if done % cfg.log_every == 0:
+                    stop_if_diverged()
+                    bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
+                                    lr=f"{scheduler.get_last_lr()[0]:.2g}")
+                    window_loss.zero_()
+                    window_tokens = 0
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
+                    loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
+                    seconds = seconds_before + time.perf_counter() - epoch_started
+                    save_checkpoint(epoch, done, {"loss_sum": loss_total, "tokens": int(tokens_total),
+                                                  "captions": int(captions_total), "seconds": seconds})
         stop_if_diverged()
         loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
         epoch_seconds = seconds_before + time.perf_counter() - epoch_started
@@ -843,9 +886,10 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         }
         metrics.append(record)
         if runtime.is_main:
-            save_weights(encoder, out / f"encoder-{epoch}.pkl")
+            atomic_torch_save(model.encoder_state(), out / f"encoder-{epoch}.pkl")
             save_weights(decoder, out / f"decoder-{epoch}.pkl")
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            with atomic_write(out / "metrics.jsonl", "w") as f:
+                f.write("".join(json.dumps(m) + "\n" for m in metrics))
             plot_metrics(out / "metrics.jsonl", out / "loss.png")
             print(f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"perplexity {record['val_perplexity']:.2f}, {record['captions_per_second']:.0f} captions/s, "

@@ -11,13 +11,14 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 from nltk.tokenize import word_tokenize
 from tqdm.auto import tqdm
+
+from fileio import atomic_write
 
 CACHE_DIR = Path(os.environ.get("CAPTION_CACHE_DIR", Path(__file__).resolve().parent / ".cache"))
 TOKENS_CACHE_VERSION = 1
@@ -148,18 +149,8 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Pickle to `path` atomically (temp file + rename), loadable by plain `pickle.load`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(self, f, protocol=4)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            pickle.dump(self, f, protocol=4)
 
     @staticmethod
     def load(path: str | os.PathLike) -> Vocabulary:
@@ -246,11 +237,8 @@ def _tokenize_annotations_cached(path: str, size: int, mtime_ns: int) -> dict[in
         for ann in tqdm(annotations, desc=f"tokenizing {Path(path).name}", unit="caption", mininterval=1.0)
     }
     try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(cache_file, "w") as f:
             json.dump(tokens, f)
-        os.replace(tmp, cache_file)
     except OSError:
         pass  # a read-only cache dir only costs speed
     return tokens

@@ -54,8 +54,7 @@ def setup(tmp_path_factory):
     torch.save(EncoderCNN(EMBED, pretrained=False).state_dict(), models / "encoder-1.pkl")
     decoder = DecoderRNN(EMBED, HIDDEN, VOCAB)
     with torch.no_grad():
-        decoder.fc.weight.mul_(5)
-        decoder.fc.bias[0] += 2.0  # a trained model's first word is <start>: make this one's too
+        decoder.fc.weight.mul_(5)  # peaked distributions: captions of a few words rather than empty ones
     torch.save(decoder.state_dict(), models / "decoder-1.pkl")
     config = {"image_size": 64, "embed_size": EMBED, "hidden_size": HIDDEN, "num_layers": 1}
     (models / "train_config.json").write_text(json.dumps(config))
@@ -125,7 +124,7 @@ def test_cli_captions_a_folder_and_reports_the_corrupt_file(setup, loaded, tmp_p
     captions = [line.split("\t", 1)[1] for line in lines]
     encoder, decoder, vocab = loaded
     assert captions == caption.caption_image_files(encoder, decoder, vocab, setup["good"], beam_size=2)
-    assert all(word in vocab.word2idx for text in captions for word in text.split())
+    assert all(captions) and all(word in vocab.word2idx for text in captions for word in text.split())
     results = json.loads(out.read_text())
     assert results == [
         {"image_id": 391895, "caption": captions[0]},
@@ -152,7 +151,7 @@ def test_caption_image_files_keeps_order_across_batches_and_marks_unreadable_fil
     image = build_transform(64)(Image.open(paths[0]).convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         ids = decoder.greedy_search(encoder(image))[0]
-    assert ids[0] == vocab.start_id and one_batch[0] == vocab.decode(ids)
+    assert one_batch[0] == vocab.decode(ids) != ""
 
 
 def test_decode_features_picks_greedy_or_beam(loaded):

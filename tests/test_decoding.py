@@ -136,6 +136,18 @@ def test_length_penalty_can_prefer_the_longer_caption():
     assert ids == [B, C, D, END]
 
 
+def test_with_length_penalty_the_search_goes_on_while_a_live_beam_can_still_win():
+    # A <end> (0.36) is found first, but A C C C C C (0.18 * 0.99**4) is better per word: 6 ids against 2.
+    decoder = markov_decoder(table({IMAGE: {A: 0.6, B: 0.39}, A: {END: 0.6, C: 0.3}, C: {C: 0.99}}))
+    features = start_from(IMAGE)
+    assert (
+        decoder.beam_search(features, beam_size=1, max_len=6) == [[A, END]] == decoder.greedy_search(features)
+    )
+    [[(ids, score)]] = decoder.beam_search(features, beam_size=1, max_len=6, length_penalty=1.0, top_n=1)
+    assert ids == [A, C, C, C, C, C]
+    assert score == pytest.approx(math.log(0.6 * 0.3 * 0.99**4) / 6, abs=1e-5)
+
+
 def test_ties_go_to_the_lower_word_id():
     # Four equally likely first words: beam width 1 sees a tie at its cut-off (2 candidates out of 4).
     log_probs = table(

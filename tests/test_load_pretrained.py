@@ -222,6 +222,7 @@ def test_data_parallel_prefix_and_missing_lstm_biases_are_accepted(tmp_path):
     state = {f"module.{k}": v for k, v in decoder.state_dict().items() if ".bias_" not in k}
     path = tmp_path / "decoder.pkl"
     torch.save(state, path)
+    assert set(read_state_dict(path)) == {k.removeprefix("module.") for k in state}
     loaded = load_decoder(path)
     features = torch.randn(3, EMBED)
     assert loaded.greedy_search(features) == decoder.greedy_search(features)

@@ -24,24 +24,29 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, Path]:
-    """The sample set and the token cache, made once and shared by every notebook run.
+    """The sample set and the caches, made once and shared by every notebook run.
 
     Each repository copy links data/sample to this one set, so the notebooks' own `make_sample_dataset` call finds
-    it complete and the tokens (cached by the resolved file path) are computed only once.
+    it complete, and links .cache to one folder, so the tokens (cached by the resolved file path) and the ResNet
+    features (keyed by backbone, transform and image list) are computed only once: 3_Inference's own quick
+    training reuses the features 2_Training cached. Nothing else is shared; in particular 3_Inference does not see
+    the weights 2_Training saved in its copy's models/, so it trains its own as in a fresh clone.
     """
     base = tmp_path_factory.mktemp("notebooks-shared")
     make_sample_dataset(base / "sample", seed=0)
+    (base / "cache").mkdir()
     return {"sample": base / "sample", "cache": base / "cache"}
 
 
-def repository_copy(dest: Path, sample: Path) -> Path:
-    """The modules, notebooks and images/ copied to `dest`, with data/sample linked to the shared sample set."""
+def repository_copy(dest: Path, shared: dict[str, Path]) -> Path:
+    """The modules, notebooks and images/ copied to `dest`, with data/sample and .cache linked to the shared ones."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in [*REPO.glob("*.py"), *REPO.glob("*.ipynb")]:
         shutil.copy2(path, dest / path.name)
     shutil.copytree(REPO / "images", dest / "images")
     (dest / "data").mkdir()
-    (dest / "data" / "sample").symlink_to(sample, target_is_directory=True)
+    (dest / "data" / "sample").symlink_to(shared["sample"], target_is_directory=True)
+    (dest / ".cache").symlink_to(shared["cache"], target_is_directory=True)
     return dest
 
 
@@ -49,7 +54,7 @@ def repository_copy(dest: Path, sample: Path) -> Path:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 @pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
 def test_notebook_runs_on_the_sample_set(path: Path, shared: dict[str, Path], tmp_path: Path):
-    copy = repository_copy(tmp_path / "repo", shared["sample"])
+    copy = repository_copy(tmp_path / "repo", shared)
     nb = nbformat.read(copy / path.name, as_version=4)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # import from the copy only
     env.update(CAPTION_DATA="sample", CAPTION_CACHE_DIR=str(shared["cache"]), MPLBACKEND=INLINE_BACKEND)

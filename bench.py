@@ -1,0 +1,618 @@
+"""Speed benchmark (issue #6): the feature cache against the template's per-caption path, batched decoding
+against one image at a time, all measured in one run on generated data of COCO's shape.
+
+    python bench.py [--device cpu|cuda] [--images N] [--image-size S] [--quick] [--json PATH]
+
+It writes 640x480 JPEGs with 5 captions each (caption lengths drawn like COCO's: mean about 11.3 tokens, 5th-95th
+percentile 8-16, a tail past 40) as a COCO-format dataset in a temporary folder, then measures with train.py's own
+functions: feature extraction (CPU JPEG decoding; on CUDA also batched GPU decoding), 3 epochs of training from
+the feature cache and through the per-caption path (train.py --no-cache: every caption's JPEG is decoded and run
+through the ResNet-50 at every step, DataLoader workers, same model, same batch size), decoding throughput
+(sample() one image at a time, batched greedy, beam 3 batched and one at a time) and peak memory. It prints one
+table with PASS/FAIL per target; `--json` writes every figure. Ratios against the baseline measured in the same
+run are the headline; absolute numbers mean something only from a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import vocabulary
+from data_loader import IMAGENET_MEAN, IMAGENET_STD
+from model import FEATURE_SIZE, EncoderCNN, load_pretrained
+from train import TrainConfig, TrainingError, extract_features, start_runtime, train
+
+COCO_TRAIN2014_CAPTIONS = 414_113
+JPEG_SIZE = (640, 480)  # COCO's typical image; one in five is portrait (480x640)
+COLOURS = {
+    "red": (210, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 210), "yellow": (235, 205, 40),
+    "purple": (135, 55, 175), "orange": (240, 130, 30), "white": (240, 240, 240), "black": (25, 25, 25),
+}
+# Caption length in words: log-normal around 11.1 (5th-95th percentile 8-16), plus a rare long tail up to 50.
+LENGTH_MEDIAN, LENGTH_SIGMA, TAIL_RATE, TAIL_RANGE, MIN_LENGTH = 11.1, 0.21, 0.003, (17, 50), 5
+MAX_DECODE_LEN = 20  # the template's sample() default
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of one benchmark run; the presets below fit a 2-core CPU, a quick test, or a GPU."""
+
+    device: str
+    images: int  # training images (5 captions each); a fifth as many validation images
+    image_size: int  # side of the square crop fed to the ResNet-50
+    word_list: int  # synthetic words the captions draw from (Zipf-distributed)
+    vocab_threshold: int
+    embed_size: int
+    hidden_size: int
+    num_layers: int
+    dropout: float
+    batch_size: int  # captions per training step, both paths
+    lr: float
+    epochs: int
+    num_workers: int  # DataLoader workers, both paths
+    extract_batch_size: int
+    decode_images: int  # images decoded in batches
+    decode_batch: int  # images per batched decoding call
+    one_at_a_time_images: int  # images decoded one by one (a subset: it is the slow way)
+
+
+PRESETS = {
+    "cpu": BenchConfig(
+        device="cpu", images=400, image_size=64, word_list=1000, vocab_threshold=4, embed_size=128, hidden_size=256,
+        num_layers=1, dropout=0.0, batch_size=64, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=64,
+        decode_images=400, decode_batch=400, one_at_a_time_images=200,
+    ),
+    "quick": BenchConfig(
+        device="cpu", images=32, image_size=32, word_list=200, vocab_threshold=2, embed_size=64, hidden_size=128,
+        num_layers=1, dropout=0.0, batch_size=32, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=32,
+        decode_images=32, decode_batch=32, one_at_a_time_images=16,
+    ),
+    # The seeds' model on a COCO-sized vocabulary.
+    "cuda": BenchConfig(
+        device="cuda", images=5000, image_size=224, word_list=10000, vocab_threshold=4, embed_size=512,
+        hidden_size=512, num_layers=2, dropout=0.1, batch_size=256, lr=1e-3, epochs=3,
+        num_workers=min(16, os.cpu_count() or 1), extract_batch_size=256, decode_images=5000, decode_batch=5000,
+        one_at_a_time_images=200,
+    ),
+}
+
+CPU_TARGETS = [  # (name, figure, at least, what it means)
+    ("train_3_epochs", "speedups.train_3_epochs", 8.0, "3 epochs, cache built in the run, vs per-caption (x)"),
+    ("train_3_epochs_cache_on_disk", "speedups.train_3_epochs_cache_on_disk", 8.0,
+     "3 epochs, cache already on disk, vs per-caption (x)"),
+    ("equal_val_loss", "training.val_loss_relative_difference", None, "val loss within 3% of per-caption"),
+    ("greedy_batched", "speedups.greedy_batched", 10.0, "batched greedy vs one-at-a-time sample() (x)"),
+    ("beam_batched", "speedups.beam_batched", 3.0, "batched beam 3 vs one-at-a-time beam 3 (x)"),
+]
+GPU_TARGETS = [
+    ("feature_extraction", "feature_extraction.gpu_decode_images_per_s", 3000.0,
+     "feature extraction, GPU JPEG decode (images/s)"),
+    ("decoder_training", "training.cache.captions_per_s", 100_000.0, "decoder training from cache (captions/s)"),
+    ("coco_epoch", "training.coco_epoch_seconds", -10.0, "COCO train2014 epoch from cache (s, at most)"),
+    ("beam_decoding", "decoding.beam3_batched_images_per_s", 5000.0, "batched beam-3 decoding (images/s)"),
+]
+VAL_LOSS_TOLERANCE = 0.03
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic data of COCO's shape
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synthetic_words(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct pronounceable words (consonant-vowel syllables), in a seeded order."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = [a + b for a in syllables for b in syllables]
+    if count > len(words):
+        words += [a + b + c for a in syllables[:30] for b in syllables for c in syllables[:10]]
+    order = np.random.default_rng(seed).permutation(len(words))
+    return [words[i] for i in order[:count]]
+
+
+def caption_lengths(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Words per caption, distributed like COCO's (mean about 11.3, 5th-95th percentile 8-16, tail past 40)."""
+    lengths = np.rint(LENGTH_MEDIAN * np.exp(rng.normal(0.0, LENGTH_SIGMA, count))).astype(int)
+    tail = rng.random(count) < TAIL_RATE
+    lengths[tail] = rng.integers(TAIL_RANGE[0], TAIL_RANGE[1] + 1, int(tail.sum()))
+    return np.maximum(lengths, MIN_LENGTH)
+
+
+def write_jpeg(path: Path, colour: tuple[int, int, int], portrait: bool, seed: int) -> int:
+    """A photo-like JPEG (smooth random structure, tinted by `colour`, with sensor-like noise); returns its size."""
+    rng = np.random.default_rng(seed)
+    width, height = JPEG_SIZE[::-1] if portrait else JPEG_SIZE
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = 0.5 * np.asarray(coarse, dtype=np.float32) + 0.5 * np.array(colour, dtype=np.float32)
+    pixels += rng.normal(0.0, 8.0, pixels.shape).astype(np.float32)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return path.stat().st_size
+
+
+def _write_jpeg_job(job: tuple) -> int:
+    return write_jpeg(*job)
+
+
+def make_bench_data(root: Path, n_train: int, n_val: int, word_list: int, seed: int = 0) -> dict:
+    """A COCO-format dataset in train.py's 'sample' layout (images/{train,val}, annotations/captions_*.json).
+
+    Each caption is "a <colour of the image> ..." followed by Zipf-distributed synthetic words, so the image
+    matters to the loss and the two training paths can be compared by validation loss.
+    """
+    rng = np.random.default_rng(seed)
+    words = synthetic_words(word_list, seed)
+    zipf = 1.0 / np.arange(3, len(words) + 3) ** 1.1
+    zipf /= zipf.sum()
+    jobs, all_lengths = [], []
+    next_annotation = 1
+    for split, count, first_id in (("train", n_train, 1), ("val", n_val, 1_000_000)):
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(first_id, first_id + count):
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            portrait = bool(rng.random() < 0.2)
+            name = f"{split}_{image_id:012d}.jpg"
+            width, height = JPEG_SIZE[::-1] if portrait else JPEG_SIZE
+            images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+            jobs.append((folder / name, COLOURS[colour], portrait, seed * 10_000_019 + image_id))
+            lengths = caption_lengths(rng, 5)
+            all_lengths += lengths.tolist()
+            for length in lengths:
+                rest = rng.choice(len(words), size=length - 2, p=zipf)
+                caption = " ".join(["a", colour, *(words[i] for i in rest)])
+                annotations.append({"id": next_annotation, "image_id": image_id, "caption": caption})
+                next_annotation += 1
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        coco = {"info": {"description": "bench.py synthetic data"}, "licenses": [], "images": images,
+                "annotations": annotations}
+        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
+    with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sizes = list(tqdm(pool.map(_write_jpeg_job, jobs, chunksize=8), total=len(jobs), desc="writing JPEGs",
+                          unit="img", mininterval=1.0))
+    lengths = np.array(all_lengths)
+    return {
+        "train_images": n_train,
+        "val_images": n_val,
+        "captions": len(lengths),
+        "train_captions": 5 * n_train,
+        "caption_length_mean": round(float(lengths.mean()), 2),
+        "caption_length_p5": float(np.percentile(lengths, 5)),
+        "caption_length_p95": float(np.percentile(lengths, 95)),
+        "caption_length_max": int(lengths.max()),
+        "jpeg_kib_mean": round(float(np.mean(sizes)) / 1024, 1),
+    }
+
+
+def image_paths(root: Path, split: str) -> list[Path]:
+    """The split's JPEGs in image-id order (the order of the feature cache's rows)."""
+    coco = json.loads((root / "annotations" / f"captions_{split}.json").read_text())
+    return [root / "images" / split / image["file_name"] for image in sorted(coco["images"], key=lambda i: i["id"])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_peak_mib(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated since the last reset, then reset; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return round(peak, 1)
+
+
+@torch.inference_mode()
+def extract_gpu_decode(encoder: EncoderCNN, paths: list[Path], image_size: int, batch_size: int,
+                       device: torch.device) -> torch.Tensor:
+    """Pooled features [N, 2048] with the JPEGs decoded on the GPU in batches (nvJPEG), then resized, centre-cropped
+    and normalised there as build_transform(train=False) does on the CPU; bf16, channels_last."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    resize = round(image_size * 256 / 224)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    out = torch.empty(len(paths), FEATURE_SIZE, dtype=torch.float16, device=device)
+    for start in range(0, len(paths), batch_size):
+        encoded = [read_file(str(p)) for p in paths[start : start + batch_size]]
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, image in enumerate(decoded):
+            by_shape[tuple(image.shape)].append(i)
+        batch = torch.empty(len(decoded), 3, image_size, image_size, device=device)
+        for indices in by_shape.values():  # one resize per image shape, not per image
+            group = torch.stack([decoded[i] for i in indices]).float()
+            group = TF.center_crop(TF.resize(group, [resize], antialias=True), [image_size, image_size])
+            batch[torch.tensor(indices, device=device)] = group
+        batch = ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[start : start + len(decoded)] = encoder.backbone(batch).half()
+    return out
+
+
+def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> dict:
+    """Images/s of JPEG decode + resize + ResNet-50: train.extract_features (CPU decoding in DataLoader workers)
+    and, on CUDA, batched GPU decoding."""
+    device = runtime.device
+    torch.manual_seed(0)
+    encoder = EncoderCNN(cfg.embed_size, pretrained=False).eval()
+    if device.type == "cuda":
+        encoder.to(device, memory_format=torch.channels_last)
+    out = np.zeros((len(paths), 1, FEATURE_SIZE), dtype=np.float16)
+    readable = np.zeros(len(paths), dtype=bool)
+    options = dict(image_size=cfg.image_size, mirror=False, runtime=runtime, batch_size=cfg.extract_batch_size,
+                   num_workers=cfg.num_workers)
+    if device.type == "cuda":  # warm-up: cuDNN picks its algorithms on the first batches
+        warm = paths[: 2 * cfg.extract_batch_size]
+        extract_features(encoder, warm, out[: len(warm)], readable[: len(warm)], desc="warm-up", **options)
+    synchronize(device)
+    started = time.perf_counter()
+    extract_features(encoder, paths, out, readable, desc="features (CPU decode)", **options)
+    synchronize(device)
+    cpu_seconds = time.perf_counter() - started
+    result = {
+        "images": len(paths),
+        "cpu_decode_seconds": round(cpu_seconds, 3),
+        "cpu_decode_images_per_s": round(len(paths) / cpu_seconds, 1),
+        "gpu_decode_seconds": None,
+        "gpu_decode_images_per_s": None,
+        "gpu_cpu_feature_cosine": None,
+    }
+    if device.type == "cuda":
+        extract_gpu_decode(encoder, paths[: 2 * cfg.extract_batch_size], cfg.image_size, cfg.extract_batch_size,
+                           device)
+        synchronize(device)
+        started = time.perf_counter()
+        features = extract_gpu_decode(encoder, paths, cfg.image_size, cfg.extract_batch_size, device)
+        synchronize(device)
+        gpu_seconds = time.perf_counter() - started
+        reference = torch.from_numpy(out[:, 0]).float()
+        centre = reference.mean(0)  # random-ResNet features share a large offset: compare what varies
+        cosine = torch.nn.functional.cosine_similarity(features.float().cpu() - centre, reference - centre)
+        result |= {
+            "gpu_decode_seconds": round(gpu_seconds, 3),
+            "gpu_decode_images_per_s": round(len(paths) / gpu_seconds, 1),
+            "gpu_cpu_feature_cosine": round(float(cosine.mean()), 4),  # nvJPEG vs libjpeg + PIL resize
+        }
+    result["cuda_peak_mib"] = cuda_peak_mib(device)
+    return result
+
+
+def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: bool) -> TrainConfig:
+    """The same model, data, batch size and schedule for both paths; only `cache` differs."""
+    return TrainConfig(
+        data="sample", data_root=str(root), image_size=cfg.image_size, vocab_threshold=cfg.vocab_threshold,
+        pretrained=False, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        dropout=cfg.dropout, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cache=cache,
+        out_dir=str(work / name), cache_dir=str(work / "features"), num_workers=cfg.num_workers,
+        extract_batch_size=cfg.extract_batch_size, device=cfg.device,
+    )
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers): unlike wall time, it hardly moves
+    when other programs share the cores."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def timed_training(config: TrainConfig, device: torch.device) -> dict:
+    """train.train(config) timed from the call to the return; setup is everything before the first epoch."""
+    load_before = os.getloadavg()[0]
+    synchronize(device)
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    result = train(config)
+    synchronize(device)
+    gc.collect()  # the DataLoader's persistent workers exit (and are counted) when it is collected
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    metrics = result["metrics"]
+    epoch_seconds = sum(m["epoch_seconds"] for m in metrics)
+    captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in metrics)
+    return {
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute, before and after
+        "setup_seconds": round(wall - result["seconds"], 2),
+        "epoch_seconds": round(epoch_seconds, 2),
+        "captions_per_s": round(captions / epoch_seconds, 1),
+        "val_loss": result["val_loss"],
+        "val_losses": [m["val_loss"] for m in metrics],
+        "cache_built": result["cache_built"],
+        "files": result["files"],
+        "cache": result["cache"],
+        "cuda_peak_mib": cuda_peak_mib(device),
+    }
+
+
+def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.device) -> dict:
+    """3 epochs from the feature cache (built in the run, then again with it on disk) and per caption."""
+    cold = timed_training(train_config(cfg, root, work, "cache", cache=True), device)
+    # Forget the tokens held in memory, so the second run reads the disk caches as a new process would.
+    vocabulary._tokenize_annotations_cached.cache_clear()
+    warm = timed_training(train_config(cfg, root, work, "cache-warm", cache=True), device)
+    per_caption = timed_training(train_config(cfg, root, work, "per-caption", cache=False), device)
+    difference = abs(cold["val_loss"] - per_caption["val_loss"]) / per_caption["val_loss"]
+    return {
+        "cache": cold,
+        "cache_warm": warm,
+        "per_caption": per_caption,
+        "val_loss_relative_difference": round(difference, 4),
+        "coco_epoch_seconds": round(COCO_TRAIN2014_CAPTIONS / cold["captions_per_s"], 2),
+    }
+
+
+def rate(images: int, seconds: float) -> float:
+    return round(images / seconds, 1)
+
+
+@torch.no_grad()
+def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device) -> dict:
+    """Images/s of sample() one image at a time, batched greedy, beam 3 batched and one at a time, from the
+    cached features of the model trained above."""
+    files = trained["files"]
+    encoder, decoder, _ = load_pretrained(files["encoder"], files["decoder"], files["vocab"], device)
+    cached = np.load(Path(trained["cache"]) / "features.npy", mmap_mode="r")
+    count = min(cfg.decode_images, len(cached))
+    features = encoder.embed(torch.from_numpy(np.array(cached[:count, 0])).float().to(device))
+    single = features[: min(cfg.one_at_a_time_images, count)]
+
+    def one_at_a_time(decode) -> tuple[float, list]:
+        decode(single[:1])  # warm-up
+        synchronize(device)
+        started = time.perf_counter()
+        outputs = [decode(feature.view(1, -1)) for feature in single]
+        return time.perf_counter() - started, outputs
+
+    def batched(decode) -> tuple[float, list]:
+        decode(features[: min(8, count)])  # warm-up
+        synchronize(device)
+        started = time.perf_counter()
+        outputs = [ids for s in range(0, count, cfg.decode_batch) for ids in decode(features[s : s + cfg.decode_batch])]
+        return time.perf_counter() - started, outputs
+
+    sample_seconds, sampled = one_at_a_time(lambda f: decoder.sample(f.view(1, 1, -1), max_len=MAX_DECODE_LEN))
+    greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN))
+    beam_single_seconds, beams_single = one_at_a_time(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0])
+    beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN))
+    return {
+        "images_batched": count,
+        "images_one_at_a_time": len(single),
+        "max_len": MAX_DECODE_LEN,
+        "sample_one_at_a_time_images_per_s": rate(len(single), sample_seconds),
+        "greedy_batched_images_per_s": rate(count, greedy_seconds),
+        "beam3_one_at_a_time_images_per_s": rate(len(single), beam_single_seconds),
+        "beam3_batched_images_per_s": rate(count, beam_seconds),
+        # batched and one-at-a-time decoding of the same images should give the same captions
+        "greedy_agreement": round(float(np.mean([a == b for a, b in zip(sampled, greedy, strict=False)])), 3),
+        "beam3_agreement": round(float(np.mean([a == b for a, b in zip(beams_single, beams, strict=False)])), 3),
+        "mean_caption_ids": round(float(np.mean([len(ids) for ids in greedy])), 2),
+        "cuda_peak_mib": cuda_peak_mib(device),
+    }
+
+
+def peak_rss_mib() -> dict:
+    """Peak resident memory of this process and of its largest finished child (DataLoader workers), from getrusage."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return {
+        "rss_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1),
+        "children_rss_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale / 2**20, 1),
+    }
+
+
+def figure(results: dict, dotted: str):
+    value = results
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_targets(results: dict, targets: list[tuple]) -> list[dict]:
+    """PASS/FAIL per target; a negative threshold means "at most" its absolute value."""
+    checked = []
+    for name, dotted, threshold, label in targets:
+        value = figure(results, dotted)
+        if threshold is None:  # the loss tolerance
+            passed, threshold = value <= VAL_LOSS_TOLERANCE, VAL_LOSS_TOLERANCE
+            bound = "<="
+        elif threshold < 0:
+            passed, threshold, bound = value is not None and value <= -threshold, -threshold, "<="
+        else:
+            passed, bound = value is not None and value >= threshold, ">="
+        checked.append({"name": name, "label": label, "value": value, "bound": bound, "threshold": threshold,
+                        "passed": bool(passed)})
+    return checked
+
+
+def run_benchmark(cfg: BenchConfig, work: Path) -> dict:
+    """Every measurement of one run, in a dict ready for JSON."""
+    runtime = start_runtime(cfg.device)
+    device = runtime.device
+    machine = {
+        "date": date.today().isoformat(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    root = work / "data"
+    started = time.perf_counter()
+    data = make_bench_data(root, cfg.images, max(cfg.images // 5, 8), cfg.word_list)
+    data["generate_seconds"] = round(time.perf_counter() - started, 1)
+    vocabulary.CACHE_DIR = work / "tokens"  # token caches of the throwaway data stay in the temp folder
+    extraction = measure_feature_extraction(cfg, image_paths(root, "train"), runtime)
+    training = measure_training(cfg, root, work, device)
+    decoding = measure_decoding(cfg, training["cache"], device)
+    cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
+    speedups = {
+        "train_3_epochs": round(per_caption["wall_seconds"] / cold["wall_seconds"], 2),
+        "train_3_epochs_cache_on_disk": round(per_caption["wall_seconds"] / warm["wall_seconds"], 2),
+        "train_3_epochs_cpu_time": round(per_caption["cpu_seconds"] / cold["cpu_seconds"], 2),
+        "train_captions_per_s": round(cold["captions_per_s"] / per_caption["captions_per_s"], 2),
+        "greedy_batched": round(
+            decoding["greedy_batched_images_per_s"] / decoding["sample_one_at_a_time_images_per_s"], 2),
+        "beam_batched": round(
+            decoding["beam3_batched_images_per_s"] / decoding["beam3_one_at_a_time_images_per_s"], 2),
+        "setup_second_run": round(cold["setup_seconds"] / warm["setup_seconds"], 2),
+    }
+    for run in (cold, warm, per_caption):
+        del run["files"], run["cache"]
+    results = {
+        "config": asdict(cfg),
+        "machine": machine,
+        "data": data,
+        "feature_extraction": extraction,
+        "training": training,
+        "setup": {"first_seconds": cold["setup_seconds"], "second_seconds": warm["setup_seconds"],
+                  "second_run_reused_feature_cache": not warm["cache_built"]},
+        "decoding": decoding,
+        "memory": peak_rss_mib() | {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20
+                                    if device.type == "cuda" else None},
+        "speedups": speedups,
+    }
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = check_targets(results, CPU_TARGETS + (GPU_TARGETS if device.type == "cuda" else []))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def format_table(results: dict) -> str:
+    """The figures as one plain-text table, then PASS/FAIL per target."""
+    d, e, t, dec, s = (results[k] for k in ("data", "feature_extraction", "training", "decoding", "speedups"))
+    cfg, memory = results["config"], results["memory"]
+
+    def number(value, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{value:,.{digits}f}"
+
+    rows = [
+        ("data", f"{d['train_images']} train + {d['val_images']} val JPEGs 640x480 ({d['jpeg_kib_mean']} KiB), "
+                 f"{d['captions']} captions, length mean {d['caption_length_mean']}, p5-p95 "
+                 f"{d['caption_length_p5']:.0f}-{d['caption_length_p95']:.0f}, max {d['caption_length_max']}"),
+        ("model", f"{cfg['image_size']} px crops, embed {cfg['embed_size']}, hidden {cfg['hidden_size']}, "
+                  f"{cfg['num_layers']} layer(s), batch {cfg['batch_size']}, {cfg['num_workers']} workers, "
+                  f"device {cfg['device']}"),
+        ("features, CPU decode", f"{number(e['cpu_decode_images_per_s'])} images/s"),
+        ("features, GPU decode", f"{number(e['gpu_decode_images_per_s'])} images/s"),
+        ("train, from cache", f"{number(t['cache']['captions_per_s'])} captions/s"),
+        ("train, per caption", f"{number(t['per_caption']['captions_per_s'])} captions/s "
+                               f"(x{s['train_captions_per_s']} from cache)"),
+        ("3 epochs, cache (built in run)", f"{t['cache']['wall_seconds']:.1f} s, val loss {t['cache']['val_loss']:.4f}"),
+        ("3 epochs, cache (on disk)", f"{t['cache_warm']['wall_seconds']:.1f} s, "
+                                      f"val loss {t['cache_warm']['val_loss']:.4f}"),
+        ("3 epochs, per caption", f"{t['per_caption']['wall_seconds']:.1f} s, "
+                                  f"val loss {t['per_caption']['val_loss']:.4f}"),
+        ("speedup, 3 epochs", f"x{s['train_3_epochs']} (cache built in run), "
+                              f"x{s['train_3_epochs_cache_on_disk']} (cache on disk), "
+                              f"x{s['train_3_epochs_cpu_time']} in CPU time (cache built in run)"),
+        ("CPU time, 3 epochs", f"{t['cache']['cpu_seconds']:.1f} s cache (built in run), "
+                               f"{t['per_caption']['cpu_seconds']:.1f} s per caption"),
+        ("load average (1 min)", f"{results['machine']['load_average_at_start'][0]} at start, "
+                                 f"{results['machine']['load_average_at_end'][0]} at end (other programs)"),
+        ("setup, first / second run", f"{results['setup']['first_seconds']:.2f} s / "
+                                      f"{results['setup']['second_seconds']:.2f} s"),
+        ("COCO epoch from cache", f"{t['coco_epoch_seconds']:.1f} s (extrapolated, 414,113 captions)"),
+        ("decode, sample() 1 at a time", f"{number(dec['sample_one_at_a_time_images_per_s'])} images/s"),
+        ("decode, greedy batched", f"{number(dec['greedy_batched_images_per_s'])} images/s "
+                                   f"(x{s['greedy_batched']}, same captions {dec['greedy_agreement']:.0%})"),
+        ("decode, beam 3 1 at a time", f"{number(dec['beam3_one_at_a_time_images_per_s'])} images/s"),
+        ("decode, beam 3 batched", f"{number(dec['beam3_batched_images_per_s'])} images/s "
+                                   f"(x{s['beam_batched']}, same captions {dec['beam3_agreement']:.0%})"),
+        ("peak RSS (main / worker)", f"{memory['rss_peak_mib']:.0f} MiB / {memory['children_rss_peak_mib']:.0f} MiB"),
+        ("CUDA max allocated", f"{number(memory['cuda_max_allocated_mib'], 0)} MiB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append("")
+    for target in results["targets"]:
+        value = target["value"]
+        shown = "n/a" if value is None else f"{value:,.4g}"
+        verdict = "PASS" if target["passed"] else "FAIL"
+        lines.append(f"{verdict}  {target['label']}: {shown} (target {target['bound']} {target['threshold']:,.4g})")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    """The results as JSON, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where to train and decode (default: cuda when available, else cpu)")
+    parser.add_argument("--images", type=positive_int, help="training images, 5 captions each (default: preset)")
+    parser.add_argument("--image-size", type=positive_int, help="square crop fed to the ResNet (default: preset)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute on 2 CPU cores)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: CUDA is not available here", file=sys.stderr)
+        return 2
+    cfg = PRESETS["quick" if args.quick else device]
+    cfg = replace(cfg, device=device, images=args.images or cfg.images, image_size=args.image_size or cfg.image_size)
+    if cfg.images < 8 or cfg.image_size < 32:
+        print("error: --images must be >= 8 and --image-size >= 32", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        try:
+            results = run_benchmark(cfg, Path(tmp))
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(format_table(results), flush=True)
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

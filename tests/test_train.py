@@ -1,0 +1,319 @@
+"""train.py in-process: learning from the feature cache, the cache's reuse and invalidation, the files written
+(template-compatible pickles, weights-only checkpoint), refusals to resume, NaN stops, the image paths, the CLI."""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+import vocabulary
+from data_loader import dataset_paths
+from model import DecoderRNN, EncoderCNN
+from sample_data import make_sample_dataset
+from train import (
+    FeatureCache,
+    Runtime,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingError,
+    caption_table,
+    feature_cache,
+    read_split,
+    resolve_config,
+)
+from vocabulary import Vocabulary
+
+TINY = dict(image_size=32, embed_size=64, hidden_size=64, batch_size=32, num_workers=0, extract_batch_size=50)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A folder shared by this module's runs: the sample set, token and feature caches."""
+    root = tmp_path_factory.getbasetemp() / "train-shared"
+    make_sample_dataset(root / "sample", n_train=150, n_val=30, n_test=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def token_cache(base):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vocabulary, "CACHE_DIR", base / "tokens")
+        yield
+
+
+def config(base: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(TINY, data="sample", data_root=str(base / "sample"), cache_dir=str(base / "features"),
+                    out_dir=str(out))
+    return TrainConfig(**(settings | overrides))
+
+
+def cli_error(capsys) -> str:
+    """The error line of a CLI run: exactly one, and the last thing written to stderr (after any progress bars)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-3:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(base, token_cache, tmp_path_factory) -> dict:
+    """One run of a few hundred steps from the cache, inspected by several tests."""
+    out = tmp_path_factory.mktemp("trained")
+    return train.train(config(base, out, epochs=8, checkpoint_every=10))
+
+
+def test_loss_goes_down_from_the_cache(trained):
+    metrics = trained["metrics"]
+    steps = metrics[-1]["step"]
+    assert steps >= 200 and trained["cache"] is not None
+    train_losses = [m["train_loss"] for m in metrics]
+    val_losses = [m["val_loss"] for m in metrics]
+    assert train_losses[-1] < 0.6 * train_losses[0]
+    assert val_losses[-1] < val_losses[0] - 0.5
+    assert all(math.isclose(m["val_perplexity"], math.exp(m["val_loss"]), rel_tol=1e-9) for m in metrics)
+    assert all(m["captions_per_second"] > 0 for m in metrics)
+
+
+def test_pickles_load_strictly_into_fresh_modules_and_reproduce_the_val_loss(trained, base):
+    """The saved encoder maps raw ResNet features (the standardisation is folded into embed) like the model did."""
+    out = Path(trained["out_dir"])
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["image_size"] == 32 and cfg["embed_size"] == 64 and cfg["hidden_size"] == 64
+    vocab = Vocabulary.load(out / "vocab.pkl")
+    for epoch in range(1, 9):
+        assert (out / f"encoder-{epoch}.pkl").exists() and (out / f"decoder-{epoch}.pkl").exists()
+    encoder = EncoderCNN(64, pretrained=False)
+    decoder = DecoderRNN(64, 64, len(vocab), cfg["num_layers"])
+    encoder.load_state_dict(torch.load(out / "encoder-8.pkl", weights_only=True), strict=True)
+    decoder.load_state_dict(torch.load(out / "decoder-8.pkl", weights_only=True), strict=True)
+    encoder.eval()
+    decoder.eval()
+
+    # the template's forward on the validation images' cached centre features gives the reported val loss
+    paths = dataset_paths("sample", base / "sample")
+    split = read_split(paths["val_annotations"], paths["val_images"])
+    cache = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=base / "features",
+                          runtime=Runtime(torch.device("cpu")))
+    assert not cache.built
+    table = caption_table(split, vocab, cache.readable)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(table.lengths)):
+            captions = table.tokens[i : i + 1, : table.lengths[i]]
+            features = torch.from_numpy(np.asarray(cache.features[int(table.rows[i]), :1], dtype=np.float32))
+            outputs = decoder(encoder.embed(features), captions)
+            total += F.cross_entropy(outputs.flatten(0, 1), captions.flatten(), reduction="sum").item()
+            tokens += captions.numel()
+    assert total / tokens == pytest.approx(trained["val_loss"], abs=2e-4)
+
+
+def test_checkpoint_loads_weights_only_and_holds_the_training_state(trained):
+    out = Path(trained["out_dir"])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 9 and checkpoint["step"] == 0
+    assert checkpoint["global_step"] == trained["metrics"][-1]["step"]
+    assert checkpoint["vocab_fingerprint"] == Vocabulary.load(out / "vocab.pkl").fingerprint()
+    assert {"optimizer", "scheduler", "sampler", "config", "metrics", "model"} <= checkpoint.keys()
+    assert checkpoint["metrics"] == trained["metrics"]
+    # Adam holds exactly encoder.embed's and the decoder's parameters
+    vocab_size = len(Vocabulary.load(out / "vocab.pkl"))
+    decoder_params = list(DecoderRNN(64, 64, vocab_size, checkpoint["config"]["num_layers"]).parameters())
+    adam_params = [i for group in checkpoint["optimizer"]["param_groups"] for i in group["params"]]
+    assert len(adam_params) == 2 + len(decoder_params) == len(checkpoint["optimizer"]["state"])
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == trained["metrics"]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, tmp_path):
+    """A hit runs no ResNet forward; a new image size, backbone or image list builds a new cache."""
+    data = tmp_path / "data"
+    shutil.copytree(base / "sample", data)
+    paths = dataset_paths("sample", data)
+    split = read_split(paths["val_annotations"], paths["val_images"])
+    cpu = Runtime(torch.device("cpu"))
+    encoder = EncoderCNN(16, pretrained=False, backbone_seed=0)
+    forwards = []
+    encoder.resnet.register_forward_hook(lambda *_: forwards.append(1))
+
+    def build(enc=encoder, size=32, views=("centre", "mirror"), the_split=split) -> FeatureCache:
+        forwards.clear()
+        return feature_cache(enc, the_split, views, image_size=size, cache_dir=tmp_path / "features",
+                             runtime=cpu, batch_size=16, num_workers=0)
+
+    first = build()
+    assert first.built and forwards and first.features.shape == (30, 2, 2048)
+    assert first.features.dtype == np.float16 and first.skipped == 0
+    assert isinstance(first.features, np.memmap)
+    again = build()
+    assert not again.built and not forwards and again.path == first.path
+    np.testing.assert_array_equal(again.features, first.features)
+
+    bigger = build(size=40)
+    assert bigger.built and bigger.path != first.path
+    other_backbone = EncoderCNN(16, pretrained=False, backbone_seed=1)
+    assert build(enc=other_backbone).built
+    centre_only = build(views=("centre",))
+    assert centre_only.built
+    # the same centre views (batched with or without their mirrors, so equal up to rounding)
+    np.testing.assert_allclose(centre_only.features[:, 0], first.features[:, 0], rtol=0.02, atol=0.01)
+
+    image = split.paths[3]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched: stale
+    touched = build()
+    assert touched.built and touched.path != first.path
+    assert not build().built
+
+    image.write_bytes(b"not a jpeg")  # now unreadable: counted, zero features, its captions left out
+    broken = build()
+    assert broken.built and broken.skipped == 1 and not broken.readable[3]
+    assert not broken.features[3].any()
+    vocab = Vocabulary(1, str(tmp_path / "vocab.pkl"), annotations_file=str(paths["train_annotations"]))
+    table = caption_table(split, vocab, broken.readable)
+    assert table.left_out == sum(1 for _, image_id in split.captions if image_id == split.image_ids[3]) > 0
+    assert 3 not in table.rows.tolist()
+
+    fewer = read_split(paths["val_annotations"], paths["val_images"])
+    fewer.image_ids, fewer.paths = fewer.image_ids[:-1], fewer.paths[:-1]  # an image dropped from the list
+    assert build(the_split=fewer).built
+    assert not [p for p in (tmp_path / "features").iterdir() if p.name.startswith(".")]  # no temp folders
+
+
+def test_resume_refuses_another_vocabulary_or_model_shape(trained, base, capsys):
+    out = Path(trained["out_dir"])
+    before = {name: (out / name).read_bytes() for name in ("vocab.pkl", "checkpoint.pt")}
+    args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--out-dir", str(out),
+            "--image-size", "32", "--embed-size", "64", "--batch-size", "32", "--epochs", "9", "--resume"]
+    assert train.main(args + ["--hidden-size", "64", "--vocab-threshold", "60"]) == 2
+    message = cli_error(capsys)
+    assert "checkpoint.pt" in message and "different vocabulary" in message
+
+    assert train.main(args + ["--hidden-size", "32"]) == 2
+    message = cli_error(capsys)
+    assert "checkpoint.pt" in message and "--hidden-size 32" in message and "64" in message
+    assert before == {name: (out / name).read_bytes() for name in before}  # nothing was overwritten
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base, token_cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--out-dir", str(out),
+            "--image-size", "32", "--embed-size", "64", "--hidden-size", "64", "--batch-size", "32",
+            "--num-workers", "0", "--epochs", "3", "--checkpoint-every", "5", "--log-every", "4",
+            "--nan-at-step", "45"]
+    assert train.main(args) == 1
+    message = cli_error(capsys)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    steps_per_epoch = checkpoint["metrics"][0]["step"]
+    assert 23 <= steps_per_epoch < 45  # so the NaN comes in epoch 2
+    assert f"non-finite loss at epoch 2, step {45 - steps_per_epoch} " in message
+    assert f"{out / 'checkpoint.pt'} is intact" in message
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] < 45
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 3 \("):
+        train.train(config(base, tmp_path / "early", epochs=1, nan_at_step=3, log_every=50))
+    assert not (tmp_path / "early" / "checkpoint.pt").exists()
+
+
+def test_image_paths_without_cache_and_with_cnn_fine_tuning(base, token_cache, tmp_path):
+    """--no-cache runs the JPEGs through the ResNet each step; --train-cnn also changes resnet.7 and only it."""
+    make_sample_dataset(tmp_path / "small", n_train=30, n_val=6, n_test=1)
+    small = dict(data_root=str(tmp_path / "small"), epochs=1, batch_size=64, vocab_threshold=1)
+    e2e = train.train(config(base, tmp_path / "e2e", cache=False, **small))
+    assert e2e["cache"] is None and math.isfinite(e2e["val_loss"])
+    assert (tmp_path / "e2e" / "encoder-1.pkl").exists()
+
+    tuned = train.train(config(base, tmp_path / "cnn", train_cnn=True, cnn_lr=1e-3, **small))
+    assert tuned["cache"] is None and math.isfinite(tuned["val_loss"])
+    state = torch.load(tmp_path / "cnn" / "encoder-1.pkl", weights_only=True)
+    initial = EncoderCNN(64, pretrained=False).state_dict()
+    assert not torch.equal(state["resnet.7.2.conv3.weight"], initial["resnet.7.2.conv3.weight"])
+    assert torch.equal(state["resnet.6.0.conv1.weight"], initial["resnet.6.0.conv1.weight"])
+    assert torch.equal(state["resnet.7.2.bn3.running_mean"], initial["resnet.7.2.bn3.running_mean"])
+    assert set(state) == set(initial)
+
+
+def test_blind_baseline_trains_on_zero_features(base, token_cache, tmp_path):
+    result = train.train(config(base, tmp_path / "blind", epochs=1, blind=True))
+    assert result["cache"] is None and math.isfinite(result["val_loss"])
+    checkpoint = torch.load(tmp_path / "blind" / "checkpoint.pt", weights_only=True)
+    assert not checkpoint["model"]["feature_mean"].any() and (checkpoint["model"]["feature_std"] == 1).all()
+
+
+def test_presets_fill_only_what_is_not_set():
+    sample = resolve_config(TrainConfig(data="sample", embed_size=96))
+    assert (sample.image_size, sample.pretrained, sample.embed_size) == (64, False, 96)
+    assert sample.out_dir == "models" and sample.data_root.endswith("data/sample")
+    coco = resolve_config(TrainConfig(data="coco"))
+    assert (coco.image_size, coco.pretrained, coco.vocab_threshold) == (224, True, 4)
+    assert (coco.embed_size, coco.hidden_size, coco.num_layers, coco.dropout) == (512, 512, 2, 0.1)
+    assert resolve_config(TrainConfig(blind=True)).out_dir == "models/blind"
+    assert resolve_config(TrainConfig(blind=True, out_dir="x")).out_dir == "x"
+    with pytest.raises(TrainingError, match="--epochs"):
+        resolve_config(TrainConfig(epochs=0))
+
+
+def test_flags_come_from_the_config_fields():
+    args = train.build_parser().parse_args(
+        ["--data", "coco", "--embed-size", "256", "--no-cache", "--lr", "0.01", "--no-pretrained", "--resume"]
+    )
+    cfg = TrainConfig(**vars(args))
+    assert (cfg.data, cfg.embed_size, cfg.cache, cfg.lr, cfg.pretrained, cfg.resume) == (
+        "coco", 256, False, 0.01, False, True)
+    assert cfg.hidden_size is None  # left to the preset
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], "captions_train2014.json: not found"),
+        (["--epochs", "0"], "--epochs: must be an integer >= 1"),
+        (["--device", "tpu"], "--device"),
+        (["--blind", "--train-cnn"], "exclude each other"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(extra, expected, tmp_path, capsys):
+    args = ["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out")]
+    assert train.main(args + extra) == 2
+    assert expected in cli_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_annotation_file_is_named(tmp_path, capsys):
+    annotations = tmp_path / "data" / "annotations" / "captions_train.json"
+    annotations.parent.mkdir(parents=True)
+    annotations.write_text('{"images": [], "annotations": [')
+    assert train.main(["--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = cli_error(capsys)
+    assert str(annotations) in err and "COCO" in err, err
+
+
+def test_missing_or_corrupt_checkpoint_is_refused_naming_the_file(base, token_cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--out-dir", str(out),
+            "--image-size", "32", "--resume"]
+    assert train.main(args) == 2
+    assert f"{out / 'checkpoint.pt'}: no checkpoint to resume from" in cli_error(capsys)
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    assert train.main(args) == 2
+    assert f"{out / 'checkpoint.pt'}: not a readable training checkpoint" in cli_error(capsys)
