@@ -52,3 +52,25 @@ def make_tiny_coco(root: Path, n_images: int = 12, seed: int = 0) -> dict:
 @pytest.fixture
 def tiny_coco(tmp_path) -> dict:
     return make_tiny_coco(tmp_path / "coco")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_vocab(path, size: int) -> None:
+    """A vocab.pkl with `size` words, pickled as the template does (attributes only, `pickle.dump(self)`)."""
+    from vocabulary import Vocabulary
+
+    vocab = Vocabulary.__new__(Vocabulary)
+    vocab.init_vocab()
+    for word in ["<start>", "<end>", "<unk>"] + [f"word{i}" for i in range(size - 3)]:
+        vocab.add_word(word)
+    vocab.save(path)

@@ -9,34 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_vocab
 from PIL import Image
 
 import caption
 from data_loader import build_transform
 from model import DecoderRNN, EncoderCNN, load_pretrained
-from vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED, HIDDEN, VOCAB = 16, 24, 30
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 102510437\n".format("0" * 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: a second thread costs more than it brings (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def make_vocab(path, size: int) -> None:
-    """A vocab.pkl with `size` words, pickled as the template does (attributes only, `pickle.dump(self)`)."""
-    vocab = Vocabulary.__new__(Vocabulary)
-    vocab.init_vocab()
-    for word in ["<start>", "<end>", "<unk>"] + [f"word{i}" for i in range(size - 3)]:
-        vocab.add_word(word)
-    vocab.save(path)
 
 
 def noise_image(seed: int, mode: str = "RGB", size=(80, 60)) -> Image.Image:

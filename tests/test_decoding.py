@@ -75,13 +75,7 @@ def random_decoder(seed: int, num_layers: int = 1, end_bias: float = 0.3, vocab:
     return decoder.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: handing work to a second thread costs more than the work (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_markov_decoder_reproduces_its_table():

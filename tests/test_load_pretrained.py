@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_vocab
 
 from model import (
     DecoderRNN,
@@ -14,7 +15,7 @@ from model import (
     load_pretrained,
     read_state_dict,
 )
-from vocabulary import Vocabulary, VocabularyError
+from vocabulary import VocabularyError
 
 EMBED, HIDDEN, VOCAB = 16, 24, 40
 LFS_POINTER = (
@@ -23,22 +24,8 @@ LFS_POINTER = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: a second thread costs more than it brings (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def make_vocab(path, size: int) -> None:
-    """A vocab.pkl with `size` words, pickled as the template does (attributes only, `pickle.dump(self)`)."""
-    vocab = Vocabulary.__new__(Vocabulary)
-    vocab.init_vocab()
-    for word in ["<start>", "<end>", "<unk>"] + [f"word{i}" for i in range(size - 3)]:
-        vocab.add_word(word)
-    vocab.save(path)
 
 
 def rename(state: dict, embedding: str, output: str) -> dict:

@@ -8,13 +8,7 @@ from model import FEATURE_SIZE, DecoderRNN, EncoderCNN, resnet50_backbone
 EMBED, HIDDEN, VOCAB = 32, 24, 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: a second thread costs more than it brings (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ from vocabulary import Vocabulary
 TINY = dict(image_size=32, embed_size=64, hidden_size=64, batch_size=32, num_workers=0, extract_batch_size=50)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +256,12 @@ def test_blind_baseline_trains_on_zero_features(base, token_cache, tmp_path):
 def test_presets_fill_only_what_is_not_set():
     sample = resolve_config(TrainConfig(data="sample", embed_size=96))
     assert (sample.image_size, sample.pretrained, sample.embed_size) == (64, False, 96)
-    assert sample.out_dir == "models" and sample.data_root.endswith("data/sample")
+    assert sample.out_dir == "models/sample" and sample.data_root.endswith("data/sample")
     coco = resolve_config(TrainConfig(data="coco"))
     assert (coco.image_size, coco.pretrained, coco.vocab_threshold) == (224, True, 4)
     assert (coco.embed_size, coco.hidden_size, coco.num_layers, coco.dropout) == (512, 512, 2, 0.1)
-    assert resolve_config(TrainConfig(blind=True)).out_dir == "models/blind"
+    assert coco.out_dir == "models" and resolve_config(TrainConfig(data="coco", blind=True)).out_dir == "models-blind"
+    assert resolve_config(TrainConfig(blind=True)).out_dir == "models/sample-blind"
     assert resolve_config(TrainConfig(blind=True, out_dir="x")).out_dir == "x"
     with pytest.raises(TrainingError, match="--epochs"):
         resolve_config(TrainConfig(epochs=0))
