@@ -16,7 +16,7 @@ from sample_data import make_sample_dataset
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(REPO.glob("*.ipynb"))
 KERNELSPEC = {"name": "python3", "language": "python"}  # display_name is whatever Jupyter last wrote
-CELL_TIMEOUT_S = 900  # a training cell: about 3 minutes on an idle 2-core machine, 10 on a busy one
+CELL_TIMEOUT_S = 900  # train(cfg) in 2_Training took up to 10 minutes on a busy 2-core machine
 NOTEBOOK_TIMEOUT_S = 1200
 # Agg-based and headless like MPLBACKEND=Agg, but figures come back as image/png outputs that the test can check.
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
