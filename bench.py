@@ -25,7 +25,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import date
@@ -38,7 +37,6 @@ from tqdm.auto import tqdm
 
 import vocabulary
 from caption import positive_int
-from data_loader import IMAGENET_MEAN, IMAGENET_STD
 from fileio import atomic_write
 from model import FEATURE_SIZE, EncoderCNN, load_pretrained
 from train import TrainConfig, TrainingError, extract_features, start_runtime, train
@@ -61,6 +59,7 @@ class BenchConfig:
     device: str
     images: int  # training images (5 captions each); a fifth as many validation images
     image_size: int  # side of the square crop fed to the ResNet-50
+    mirror: bool  # cache (and train on) the mirrored view too, as train.py's presets do: coco yes, sample no
     word_list: int  # synthetic words the captions draw from (Zipf-distributed)
     vocab_threshold: int
     embed_size: int
@@ -79,18 +78,18 @@ class BenchConfig:
 
 PRESETS = {
     "cpu": BenchConfig(
-        device="cpu", images=400, image_size=64, word_list=1000, vocab_threshold=4, embed_size=128, hidden_size=256,
+        device="cpu", images=400, image_size=64, mirror=False, word_list=1000, vocab_threshold=4, embed_size=128, hidden_size=256,
         num_layers=1, dropout=0.0, batch_size=64, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=64,
         decode_images=400, decode_batch=400, one_at_a_time_images=200,
     ),
     "quick": BenchConfig(
-        device="cpu", images=32, image_size=32, word_list=200, vocab_threshold=2, embed_size=64, hidden_size=128,
+        device="cpu", images=32, image_size=32, mirror=False, word_list=200, vocab_threshold=2, embed_size=64, hidden_size=128,
         num_layers=1, dropout=0.0, batch_size=32, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=32,
         decode_images=32, decode_batch=32, one_at_a_time_images=16,
     ),
     # The seeds' model on a COCO-sized vocabulary.
     "cuda": BenchConfig(
-        device="cuda", images=5000, image_size=224, word_list=10000, vocab_threshold=4, embed_size=512,
+        device="cuda", images=5000, image_size=224, mirror=True, word_list=10000, vocab_threshold=4, embed_size=512,
         hidden_size=512, num_layers=2, dropout=0.1, batch_size=256, lr=1e-3, epochs=3,
         num_workers=min(16, os.cpu_count() or 1), extract_batch_size=256, decode_images=5000, decode_batch=5000,
         one_at_a_time_images=200,
@@ -232,55 +231,31 @@ def cuda_peak_mib(device: torch.device) -> float | None:
     return round(peak, 1)
 
 
-@torch.inference_mode()
-def extract_gpu_decode(encoder: EncoderCNN, paths: list[Path], image_size: int, batch_size: int,
-                       device: torch.device) -> torch.Tensor:
-    """Pooled features [N, 2048] with the JPEGs decoded on the GPU in batches (nvJPEG), then resized, centre-cropped
-    and normalised there as build_transform(train=False) does on the CPU; bf16, channels_last."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    from torchvision.transforms.v2 import functional as TF
-
-    resize = round(image_size * 256 / 224)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    out = torch.empty(len(paths), FEATURE_SIZE, dtype=torch.float16, device=device)
-    for start in range(0, len(paths), batch_size):
-        encoded = [read_file(str(p)) for p in paths[start : start + batch_size]]
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, image in enumerate(decoded):
-            by_shape[tuple(image.shape)].append(i)
-        batch = torch.empty(len(decoded), 3, image_size, image_size, device=device)
-        for indices in by_shape.values():  # one resize per image shape, not per image
-            group = torch.stack([decoded[i] for i in indices]).float()
-            group = TF.center_crop(TF.resize(group, [resize], antialias=True), [image_size, image_size])
-            batch[torch.tensor(indices, device=device)] = group
-        batch = ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out[start : start + len(decoded)] = encoder.backbone(batch).half()
-    return out
-
-
 def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> dict:
     """Images/s of JPEG decode + resize + ResNet-50: train.extract_features (CPU decoding in DataLoader workers)
     and, on CUDA, batched GPU decoding."""
     device = runtime.device
     torch.manual_seed(0)
-    encoder = EncoderCNN(cfg.embed_size, pretrained=False).eval()
-    if device.type == "cuda":
-        encoder.to(device, memory_format=torch.channels_last)
-    out = np.zeros((len(paths), 1, FEATURE_SIZE), dtype=np.float16)
-    readable = np.zeros(len(paths), dtype=bool)
+    encoder = EncoderCNN(cfg.embed_size, pretrained=False).eval().to(device)
     options = dict(image_size=cfg.image_size, mirror=False, runtime=runtime, batch_size=cfg.extract_batch_size,
                    num_workers=cfg.num_workers)
-    if device.type == "cuda":  # warm-up: cuDNN picks its algorithms on the first batches
-        warm = paths[: 2 * cfg.extract_batch_size]
-        extract_features(encoder, warm, out[: len(warm)], readable[: len(warm)], desc="warm-up", **options)
-    synchronize(device)
-    started = time.perf_counter()
-    extract_features(encoder, paths, out, readable, desc="features (CPU decode)", **options)
-    synchronize(device)
-    cpu_seconds = time.perf_counter() - started
+
+    def timed_extraction(decode_on_device: bool) -> tuple[float, np.ndarray]:
+        out = np.zeros((len(paths), 1, FEATURE_SIZE), dtype=np.float16)
+        readable = np.zeros(len(paths), dtype=bool)
+        where = "GPU" if decode_on_device else "CPU"
+        if device.type == "cuda":  # warm-up: cuDNN picks its algorithms on the first batches
+            warm = paths[: 2 * cfg.extract_batch_size]
+            extract_features(encoder, warm, out[: len(warm)], readable[: len(warm)], desc="warm-up",
+                             decode_on_device=decode_on_device, **options)
+        synchronize(device)
+        started = time.perf_counter()
+        extract_features(encoder, paths, out, readable, desc=f"features ({where} decode)",
+                         decode_on_device=decode_on_device, **options)
+        synchronize(device)
+        return time.perf_counter() - started, out[:, 0]
+
+    cpu_seconds, cpu_features = timed_extraction(decode_on_device=False)
     result = {
         "images": len(paths),
         "cpu_decode_seconds": round(cpu_seconds, 3),
@@ -290,20 +265,15 @@ def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> 
         "gpu_cpu_feature_cosine": None,
     }
     if device.type == "cuda":
-        extract_gpu_decode(encoder, paths[: 2 * cfg.extract_batch_size], cfg.image_size, cfg.extract_batch_size,
-                           device)
-        synchronize(device)
-        started = time.perf_counter()
-        features = extract_gpu_decode(encoder, paths, cfg.image_size, cfg.extract_batch_size, device)
-        synchronize(device)
-        gpu_seconds = time.perf_counter() - started
-        reference = torch.from_numpy(out[:, 0]).float()
+        gpu_seconds, gpu_features = timed_extraction(decode_on_device=True)
+        reference = torch.from_numpy(cpu_features).float()
         centre = reference.mean(0)  # random-ResNet features share a large offset: compare what varies
-        cosine = torch.nn.functional.cosine_similarity(features.float().cpu() - centre, reference - centre)
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(gpu_features).float() - centre,
+                                                       reference - centre)
         result |= {
             "gpu_decode_seconds": round(gpu_seconds, 3),
             "gpu_decode_images_per_s": round(len(paths) / gpu_seconds, 1),
-            "gpu_cpu_feature_cosine": round(float(cosine.mean()), 4),  # nvJPEG vs libjpeg + PIL resize
+            "gpu_cpu_feature_cosine": round(float(cosine.mean()), 4),  # nvJPEG + torch resize vs libjpeg + PIL
         }
     result["cuda_peak_mib"] = cuda_peak_mib(device)
     return result
@@ -312,7 +282,8 @@ def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> 
 def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: bool) -> TrainConfig:
     """The same model, data, batch size and schedule for both paths; only `cache` differs."""
     return TrainConfig(
-        data="sample", data_root=str(root), image_size=cfg.image_size, vocab_threshold=cfg.vocab_threshold,
+        data="sample", data_root=str(root), image_size=cfg.image_size, mirror=cfg.mirror,
+        vocab_threshold=cfg.vocab_threshold,
         pretrained=False, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         dropout=cfg.dropout, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, cache=cache,
         out_dir=str(work / name), cache_dir=str(work / "features"), num_workers=cfg.num_workers,
@@ -359,7 +330,7 @@ def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.dev
     """3 epochs from the feature cache (built in the run, then again with it on disk) and per caption."""
     cold = timed_training(train_config(cfg, root, work, "cache", cache=True), device)
     # Forget the tokens held in memory, so the second run reads the disk caches as a new process would.
-    vocabulary._tokenize_annotations_cached.cache_clear()
+    vocabulary.forget_tokens_in_memory()
     warm = timed_training(train_config(cfg, root, work, "cache-warm", cache=True), device)
     per_caption = timed_training(train_config(cfg, root, work, "per-caption", cache=False), device)
     difference = abs(cold["val_loss"] - per_caption["val_loss"]) / per_caption["val_loss"]

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data_loader import ImageFileDataset, build_transform
+from data_loader import image_batches
 from fileio import atomic_write
 from model import END_ID, DecoderRNN, EncoderCNN, load_pretrained, resolve_device
 from vocabulary import Vocabulary
@@ -73,17 +72,14 @@ def caption_image_files(
     """
     image_size = image_size or encoder.image_size
     device = next(encoder.parameters()).device
-    dataset = ImageFileDataset(paths, build_transform(image_size), image_size)
-    loader = DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    captions: list[str | None] = [None] * len(dataset)
-    # A bar updated by hand: tqdm.auto wrapped around a DataLoader iterates it twice (two sets of workers).
-    progress = tqdm(total=len(dataset), desc="captioning", unit="img", leave=False, mininterval=2.0)
+    captions: list[str | None] = [None] * len(paths)
+    progress = tqdm(total=len(paths), desc="captioning", unit="img", leave=False, mininterval=2.0)
     with eval_mode(encoder, decoder), progress:
-        for images, indices, ok in loader:
+        for images, indices, ok in image_batches(paths, image_size, device, batch_size, num_workers):
             progress.update(len(indices))
             if not ok.any():
                 continue
-            features = encoder(images[ok].to(device, non_blocking=True))
+            features = encoder(images[ok.to(device)])
             sequences = decode_features(decoder, features, beam_size, max_len, vocab.end_id)
             for index, ids in zip(indices[ok].tolist(), sequences, strict=True):
                 captions[index] = vocab.decode(ids)

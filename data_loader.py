@@ -6,9 +6,12 @@ proper epoch (each caption exactly once, reshuffled per epoch, split evenly acro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,12 +30,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_ROOTS = {"coco": "data/coco", "sample": "data/sample"}
 
 
+def resize_side(image_size: int) -> int:
+    """The shorter side images are resized to before the crop: 256 for 224 px crops, 8/7 of the crop in general."""
+    return round(image_size * 256 / 224)
+
+
 def build_transform(image_size: int = 224, train: bool = False) -> transforms.Compose:
     """The seeds' transforms: Resize(256) + RandomCrop(224) + flip for training, CenterCrop for evaluation.
 
     `image_size` scales the pair (resize to 8/7 of the crop) for small images and fast CPU runs.
     """
-    resize = round(image_size * 256 / 224)
+    resize = resize_side(image_size)
     crop = transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)
     steps = [transforms.Resize(resize), crop]
     if train:
@@ -80,17 +88,28 @@ class UnreadableImage(Exception):
         self.path = str(path)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB (COCO has grayscale and CMYK JPEGs); UnreadableImage names the file otherwise."""
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open an image as RGB (COCO has grayscale and CMYK JPEGs); UnreadableImage names the file otherwise.
+
+    With `min_side`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several times faster)
+    when its shorter side stays >= min_side: for a resize to that side the result is all but the same.
+    """
     try:
         with Image.open(path) as img:
+            if min_side is not None:
+                img.draft(None, (min_side, min_side))  # a no-op for other formats and small images
             return img.convert("RGB")
-    except FileNotFoundError:
-        raise UnreadableImage(path, "file not found") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(path, "not an image file (cannot identify its format)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise UnreadableImage(path, f"cannot decode image ({e})") from None
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: str | os.PathLike, error: Exception) -> UnreadableImage:
+    """The UnreadableImage for an error met while reading or decoding `path`."""
+    if isinstance(error, FileNotFoundError):
+        return UnreadableImage(path, "file not found")
+    if isinstance(error, UnidentifiedImageError):
+        return UnreadableImage(path, "not an image file (cannot identify its format)")
+    return UnreadableImage(path, f"cannot decode image ({error})")
 
 
 class _SkipLog:
@@ -113,7 +132,8 @@ def load_coco(annotations_file: str | os.PathLike) -> COCO:
     if not os.path.exists(annotations_file):
         raise FileNotFoundError(f"{annotations_file}: annotation file not found")
     try:
-        coco = COCO(str(annotations_file))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco = COCO(str(annotations_file))
     except Exception as e:
         raise ValueError(f"{annotations_file}: not a COCO-format annotation file ({type(e).__name__}: {e})") from None
     if not isinstance(coco.dataset.get("images"), list):
@@ -289,14 +309,16 @@ class ImageFileDataset(data.Dataset):
     An unreadable file gives a zero image with ok=False, so a batch never breaks and the caller counts it.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform, image_size: int | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike], transform, image_size: int | None = None,
+                 min_side: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.transform = transform
         self.image_size = image_size
+        self.min_side = min_side  # see load_image
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(load_image(self.paths[index])), index, True
+            return self.transform(load_image(self.paths[index], self.min_side)), index, True
         except UnreadableImage as e:
             print(f"warning: skipping unreadable image {e}", file=sys.stderr, flush=True)
             size = self.image_size or 224
@@ -304,6 +326,128 @@ class ImageFileDataset(data.Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+class EncodedImageDataset(data.Dataset):
+    """Image files prepared for decoding on the GPU: (JPEG bytes, None, index) for RGB and grayscale JPEGs,
+    (None, transformed image, index) for other images (decoded here by PIL: CMYK JPEGs, PNGs, ...), and
+    (None, None, index) for unreadable files. Reading only headers and bytes, a worker keeps up with nvJPEG."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int):
+        self.paths = [Path(p) for p in paths]
+        self.image_size = image_size
+        self.transform = build_transform(image_size)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            encoded = path.read_bytes()
+            with Image.open(io.BytesIO(encoded)) as img:  # parses the header only
+                if img.format == "JPEG" and img.mode in ("RGB", "L"):
+                    return torch.frombuffer(bytearray(encoded), dtype=torch.uint8), None, index
+            return None, self.transform(load_image(path, resize_side(self.image_size))), index
+        except (OSError, ValueError, SyntaxError, UnreadableImage) as e:
+            error = e if isinstance(e, UnreadableImage) else unreadable(path, e)
+            print(f"warning: skipping unreadable image {error}", file=sys.stderr, flush=True)
+            return None, None, index
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _as_lists(batch: list[tuple]) -> tuple[list, ...]:
+    return tuple(map(list, zip(*batch, strict=True)))
+
+
+def image_batches(
+    paths: Sequence[str | os.PathLike],
+    image_size: int,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    decode_on_device: bool | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches (images [B, 3, S, S] on `device`, file indices [B], ok [B]) of the files' centre crops, in order.
+
+    This is the evaluation transform (resize the shorter side to 8/7 S, centre crop S, ImageNet normalisation).
+    By default a CUDA device decodes the JPEGs itself (`decode_on_device`: nvJPEG, batched, then resize and crop
+    on the GPU) while DataLoader workers only read files; otherwise the workers decode with PIL. Unreadable files
+    come out as zero images with ok=False.
+    """
+    device = torch.device(device)
+    if decode_on_device is None:
+        decode_on_device = device.type == "cuda"
+    if not decode_on_device:
+        dataset = ImageFileDataset(paths, build_transform(image_size), image_size, resize_side(image_size))
+        loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+        for images, indices, ok in loader:
+            yield images.to(device, non_blocking=True), indices, ok
+        return
+    dataset = EncodedImageDataset(paths, image_size)
+    loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_as_lists)
+    for encoded, pixels, indices in loader:
+        images, ok = _decode_batch(encoded, pixels, [dataset.paths[i] for i in indices], image_size, device)
+        yield images, torch.tensor(indices), ok
+
+
+@torch.no_grad()
+def _decode_batch(encoded: list, pixels: list, paths: list[Path], image_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the JPEG bytes of a batch on `device` and resize, crop and normalise them there, as
+    build_transform(image_size) does with PIL; `pixels` already hold the others. Returns (images, ok)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.zeros(len(paths), 3, image_size, image_size, device=device)
+    ok = torch.tensor([e is not None or p is not None for e, p in zip(encoded, pixels, strict=True)])
+    for i, image in enumerate(pixels):
+        if image is not None:
+            images[i] = image.to(device, non_blocking=True)
+    jpegs = [i for i, e in enumerate(encoded) if e is not None]
+    try:
+        decoded = _decode_jpeg([encoded[i] for i in jpegs], device) if jpegs else []
+    except RuntimeError:  # one bad file fails the whole batch: decode one by one, PIL for what nvJPEG refuses
+        decoded = [_decode_one(encoded[i], paths[i], image_size, device) for i in jpegs]
+    decoded_of = dict(zip(jpegs, decoded, strict=True))
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for i, image in decoded_of.items():
+        if image is None:
+            ok[i] = False
+        elif image.dtype == torch.uint8:
+            by_shape[tuple(image.shape)].append(i)
+        else:  # decoded by PIL, already transformed
+            images[i] = image
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    for indices in by_shape.values():  # one resize per image shape, not per image
+        group = torch.stack([decoded_of[i] for i in indices]).float()
+        group = TF.center_crop(TF.resize(group, [resize_side(image_size)], antialias=True), [image_size] * 2)
+        images[torch.tensor(indices, device=device)] = (group - mean) / std
+    return images, ok
+
+
+def _decode_jpeg(encoded: torch.Tensor | list[torch.Tensor], device: torch.device):
+    """torchvision's decode_jpeg to RGB uint8 on `device` (nvJPEG on CUDA; a list is decoded as one batch).
+
+    torchvision 0.29 deprecates its image decoders in favour of TorchCodec, which is not a dependency here yet;
+    the warning is silenced so it does not repeat in every notebook, and this is the one place to move.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one(encoded: torch.Tensor, path: Path, image_size: int, device: torch.device) -> torch.Tensor | None:
+    """One JPEG decoded on `device` (uint8 [3, H, W]), else by PIL (transformed, float), else None (unreadable)."""
+    try:
+        return _decode_jpeg(encoded, device)
+    except RuntimeError:
+        try:
+            return build_transform(image_size)(load_image(path, resize_side(image_size))).to(device)
+        except UnreadableImage as e:
+            print(f"warning: skipping unreadable image {e}", file=sys.stderr, flush=True)
+            return None
 
 
 def coco_image_files(annotations_file: str | os.PathLike, img_folder: str | os.PathLike) -> tuple[list[int], list[Path]]:

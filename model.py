@@ -84,6 +84,7 @@ class EncoderCNN(nn.Module):
             self.resnet[7].requires_grad_(True)
         self.embed = nn.Linear(FEATURE_SIZE, embed_size)
         self.resnet.eval()
+        self.resnet.to(memory_format=torch.channels_last)  # 20-35% faster convolutions on CPUs, tensor cores on GPUs
 
     def train(self, mode: bool = True) -> EncoderCNN:
         super().train(mode)
@@ -93,7 +94,7 @@ class EncoderCNN(nn.Module):
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled ResNet-50 features [B, 2048] of normalised images [B, 3, H, W]: what the feature cache stores."""
         with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
-            return self.resnet(images).flatten(1)
+            return self.resnet(images.contiguous(memory_format=torch.channels_last)).flatten(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.backbone(images))
@@ -112,8 +113,8 @@ class DecoderRNN(nn.Module):
 
     Decoding (all batched over images, all on `step`): `greedy_search`, `beam_search`, `sample_search`, and the
     template's one-image `sample`. They return generated ids as the template's `sample()` does: starting with the
-    model's first prediction (for a trained model that is <start>) and ending with <end> when it was generated;
-    `Vocabulary.decode` turns them into words.
+    model's first prediction (for a trained model that is <start>) and ending with <end> when it was generated,
+    never before a word other than <start> (`forbid_empty_caption`); `Vocabulary.decode` turns them into words.
     """
 
     def __init__(
@@ -183,11 +184,14 @@ class DecoderRNN(nn.Module):
             raise ValueError(f"max_len must be >= 1, not {max_len}")
         inputs, words = features, []
         finished = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        has_word = torch.zeros_like(finished)
         for _ in range(max_len):
             logits, states = self.step(inputs, states)
+            forbid_empty_caption(logits, has_word, end_id)
             word = pick(logits)
             words.append(word)
             finished |= word == end_id
+            has_word |= word != START_ID
             if bool(finished.all()):  # the one host sync per step
                 break
             inputs = self.embed(word)
@@ -236,14 +240,18 @@ class DecoderRNN(nn.Module):
         done_scores = torch.full((batch, k), minus_inf, device=device)
         done_ids = torch.full((batch, k, max_len), end_id, dtype=torch.long, device=device)
         done_lengths = torch.zeros((batch, k), dtype=torch.long, device=device)
+        live_has_word = torch.zeros((batch * k), dtype=torch.bool, device=device)
         for t in range(max_len):
             length, last = t + 1, t == max_len - 1
             logits, states = self.step(inputs, states)
-            log_probs = logits.float().log_softmax(-1).view(batch, k, vocab_size)
+            log_probs = logits.float().log_softmax(-1)
+            forbid_empty_caption(log_probs, live_has_word, end_id)
+            log_probs = log_probs.view(batch, k, vocab_size)
             scores, index = top_k_first((live_scores.unsqueeze(-1) + log_probs).view(batch, -1), 2 * k)
             beam, word = index // vocab_size, index % vocab_size
             ids = live_ids.gather(1, beam.unsqueeze(-1).expand(-1, -1, max_len))
             ids[:, :, t] = word
+            has_word = live_has_word.view(batch, k).gather(1, beam) | (word != START_ID)
             ended = word == end_id
             # Finished: the best k candidates that emitted <end> (or all best k at max_len), merged into the pool.
             finishing = (rank < k) & (ended | last)
@@ -262,6 +270,7 @@ class DecoderRNN(nn.Module):
             live = torch.argsort(rank + ended * 2 * k, dim=1, stable=True)[:, :k]
             live_scores = scores.gather(1, live)
             live_ids = ids.gather(1, live.unsqueeze(-1).expand(-1, -1, max_len))
+            live_has_word = has_word.gather(1, live).view(-1)
             rows = (torch.arange(batch, device=device).unsqueeze(1) * k + beam.gather(1, live)).view(-1)
             states = tuple(s.index_select(1, rows) for s in states)
             inputs = self.embed(word.gather(1, live).view(-1))
@@ -280,6 +289,15 @@ class DecoderRNN(nn.Module):
             ]
             for b in range(batch)
         ]
+
+
+def forbid_empty_caption(logits: torch.Tensor, has_word: torch.Tensor, end_id: int) -> None:
+    """Rule out <end> (in place) in the rows [N, V] whose caption has no word yet besides <start>.
+
+    A weakly trained model often finds "<start> <end>" the single most likely sequence; an empty caption is never
+    the answer a user wants, and every decoder here (greedy, beam, sampling) follows this one rule.
+    """
+    logits[:, end_id] = logits[:, end_id].masked_fill(~has_word, float("-inf"))
 
 
 def cut_at_end(ids: list[int], end_id: int = END_ID) -> list[int]:
@@ -532,7 +550,7 @@ def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """`torch.save(module.state_dict())` to `path` atomically (temp file + rename), as the template's pickles."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_torch_save(state, path)
 
 

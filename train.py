@@ -1,8 +1,8 @@
 """Training: the loop behind 2_Training.ipynb and `python train.py --data sample|coco`.
 
 The ResNet-50 is frozen, so its pooled 2048-d output for an image never changes: it is computed once per image
-and view (centre crop and its mirror), cached on disk as float16 (memory-mapped .npy) and `embed` + the decoder
-train from the cache. `--train-cnn` (fine-tunes resnet.7) and `--no-cache` run the JPEGs through the ResNet at
+and view (the centre crop, and with --mirror its mirror image too), cached on disk as float16 (memory-mapped .npy)
+and `embed` + the decoder train from the cache. On a GPU the JPEGs are decoded there too (nvJPEG). `--train-cnn` (fine-tunes resnet.7) and `--no-cache` run the JPEGs through the ResNet at
 every step instead. `torchrun --nproc_per_node=N train.py ...` trains with DistributedDataParallel.
 
 Every random choice is a function of (seed, rank, epoch, step) -- dropout is reseeded before each step, the
@@ -40,15 +40,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data_loader import (
     BucketBatchSampler,
-    ImageFileDataset,
     build_transform,
     dataset_paths,
     get_loader,
+    image_batches,
     load_coco,
 )
 from fileio import atomic_write
@@ -64,10 +63,10 @@ from model import (
 from sample_data import make_sample_dataset
 from vocabulary import Vocabulary, VocabularyError, tokenize_annotations
 
-CACHE_FORMAT = 1  # bump when the cache layout or the extraction changes
+CACHE_FORMAT = 2  # bump when the cache layout or the extraction changes
 CHECKPOINT_FORMAT = 1
 STATS_IMAGES = 512  # images whose features give the standardisation statistics when there is no cache
-VIEWS = ("centre", "mirror")  # cached augmentation views of a training image; validation uses the centre only
+PLOT_EVERY_SECONDS = 60  # redraw loss.png after an epoch when this long has passed since the last drawing
 
 
 @dataclass
@@ -83,6 +82,7 @@ class TrainConfig:
     pretrained: bool | None = None  # ImageNet weights for the ResNet-50 (needs a download or the torch hub cache)
     weights_path: str | None = None  # a ResNet-50 state dict file to use instead of the ImageNet download
     backbone_seed: int = 0  # seed of the random ResNet-50 when it is not pretrained
+    mirror: bool | None = None  # also cache every training image mirrored and train on both views (twice the cache)
     embed_size: int | None = None  # size of the image embedding and of the word embeddings
     hidden_size: int | None = None  # LSTM hidden size
     num_layers: int | None = None  # LSTM layers
@@ -109,26 +109,29 @@ class TrainConfig:
     log_every: int = 25  # steps between loss read-outs (progress bar, non-finite loss check)
     num_workers: int = 2  # image loading processes
     extract_batch_size: int = 64  # images per ResNet forward while building the cache
+    gpu_decode: bool = True  # on CUDA, decode the JPEGs on the GPU (nvJPEG) while building the cache
     device: str = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N, mps
     nan_at_step: int = 0  # testing aid: turn the loss of this (1-based, global) step into NaN (0: never)
 
 
 # What `--data` means; explicit settings override these. coco is the seeds' setting. The sample preset is sized
 # for 2 CPU cores: a smaller one-layer LSTM (the seeds' 512/512/2 runs about 10x slower there), 64 px crops of
-# its 96 px images, no ImageNet weights (offline; the random ResNet is seeded), about a minute of training.
+# its 96 px images, no ImageNet weights (offline; the random ResNet is seeded), no mirrored view (on a CPU the
+# cache build is most of the run), about a minute of training.
 PRESETS: dict[str, dict] = {
     "sample": dict(
-        image_size=64, vocab_threshold=2, pretrained=False, embed_size=128, hidden_size=256, num_layers=1,
-        dropout=0.0, epochs=6, batch_size=64, lr=3e-3,
+        image_size=64, vocab_threshold=2, pretrained=False, mirror=False, embed_size=128, hidden_size=256,
+        num_layers=1, dropout=0.0, epochs=6, batch_size=64, lr=3e-3,
     ),
     "coco": dict(
-        image_size=224, vocab_threshold=4, pretrained=True, embed_size=512, hidden_size=512, num_layers=2,
-        dropout=0.1, epochs=3, batch_size=256, lr=1e-3,
+        image_size=224, vocab_threshold=4, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
+        num_layers=2, dropout=0.1, epochs=3, batch_size=256, lr=1e-3,
     ),
 }
 # Settings a checkpoint can only be resumed with unchanged (the vocabulary and backbone are checked separately).
 RESUME_MUST_MATCH = (
-    "image_size", "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "seed", "train_cnn", "blind",
+    "image_size", "mirror", "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "seed", "train_cnn",
+    "blind",
 )
 
 
@@ -226,6 +229,11 @@ def start_runtime(device_name: str) -> Runtime:
     return Runtime(device, rank, world_size, owns)
 
 
+def decodes_on_device(cfg: TrainConfig, runtime: Runtime) -> bool:
+    """Whether images for the ResNet are decoded on the GPU (nvJPEG) rather than by PIL in the workers."""
+    return runtime.cuda and cfg.gpu_decode
+
+
 def autocast(runtime: Runtime):
     """bf16 autocast on CUDA (no loss scaling needed), plain float32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if runtime.cuda else contextlib.nullcontext()
@@ -237,6 +245,14 @@ def derived_seed(*parts: int) -> int:
 
 
 DROPOUT_STREAM, VIEW_STREAM, LOADER_STREAM = 0, 1, 2
+
+
+def reseed(seed: int, runtime: Runtime) -> None:
+    """Seed the generators this process draws from: the CPU's and its own GPU's. (torch.manual_seed also queues
+    the seeding of every GPU, which costs ~1 ms per call on a CUDA build without one: too much for every step.)"""
+    torch.default_generator.manual_seed(seed)
+    if runtime.cuda:
+        torch.cuda.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,8 +273,7 @@ class Split:
 def read_split(annotations_file: Path, img_folder: Path) -> Split:
     """The images and captions listed in a COCO caption file; TrainingError naming the file when it is unusable."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            coco = load_coco(annotations_file)
+        coco = load_coco(annotations_file)
     except (FileNotFoundError, ValueError) as e:
         raise TrainingError(str(e)) from None
     images = sorted(coco.dataset["images"], key=lambda image: image["id"])
@@ -339,8 +354,9 @@ class FeatureCache:
         return int((~self.readable).sum())
 
 
-def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ...]) -> dict:
-    """Everything the cached features depend on: the backbone's weights, the transform, the views, the images."""
+def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ...], decode: str) -> dict:
+    """Everything the cached features depend on: the backbone's weights, the transform and JPEG decoder, the views,
+    the images."""
     listing = hashlib.sha256()
     for image_id, path in zip(split.image_ids, split.paths, strict=True):
         try:
@@ -354,6 +370,7 @@ def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ..
         "backbone": backbone,
         "image_size": image_size,
         "transform": repr(build_transform(image_size, train=False)),
+        "decode": decode,
         "views": list(views),
         "images": len(split.image_ids),
         "image_list": listing.hexdigest(),
@@ -370,6 +387,7 @@ def feature_cache(
     runtime: Runtime,
     batch_size: int = 64,
     num_workers: int = 2,
+    decode_on_device: bool = False,
     backbone: str | None = None,
 ) -> FeatureCache:
     """Open the split's cached features, building them first when missing or stale (on rank 0; others wait).
@@ -378,12 +396,14 @@ def feature_cache(
     gives a new folder and an old one is never read; it is written under a temporary name and renamed when
     complete, so a killed build leaves nothing that could be mistaken for a cache.
     """
-    key = cache_key(split, backbone or encoder.backbone_fingerprint(), image_size, views)
+    decode = "device" if decode_on_device else "pil"
+    key = cache_key(split, backbone or encoder.backbone_fingerprint(), image_size, views, decode)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{split.annotations.stem}-{image_size}px-{digest}"
     built = False
     if runtime.is_main and _read_cache_key(folder) != key:
-        _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers)
+        _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers,
+                     decode_on_device)
         built = True
     runtime.barrier()
     if _read_cache_key(folder) != key:
@@ -400,7 +420,8 @@ def _read_cache_key(folder: Path) -> dict | None:
         return None
 
 
-def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers) -> None:
+def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers,
+                 decode_on_device) -> None:
     """Extract the features into a temporary folder beside `folder`, then rename it into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -412,7 +433,7 @@ def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_
         started = time.perf_counter()
         extract_features(
             encoder, split.paths, features, readable, image_size=image_size, mirror="mirror" in views,
-            runtime=runtime, batch_size=batch_size, num_workers=num_workers,
+            runtime=runtime, batch_size=batch_size, num_workers=num_workers, decode_on_device=decode_on_device,
             desc=f"features {split.annotations.stem} {image_size}px",
         )
         features.flush()
@@ -442,17 +463,20 @@ def extract_features(
     batch_size: int,
     num_workers: int,
     desc: str,
+    decode_on_device: bool = False,
 ) -> None:
-    """`out[i] = backbone(centre crop of image i)` (and of its mirror, in the same batch); flags unreadable files."""
-    dataset = ImageFileDataset(paths, build_transform(image_size, train=False), image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=runtime.cuda)
-    memory_format = torch.channels_last if runtime.cuda else torch.contiguous_format
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not runtime.is_main) as bar, autocast(runtime):
-        for images, index, ok in loader:
-            images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
+    """`out[i] = backbone(centre crop of image i)` (and of its mirror, in the same batch); flags unreadable files.
+
+    `decode_on_device`: the JPEGs are decoded on the (CUDA) device instead of by PIL in the workers.
+    """
+    batches = image_batches(paths, image_size, runtime.device, batch_size, num_workers, decode_on_device)
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not runtime.is_main) as bar:
+        for images, index, ok in batches:
             if mirror:
                 images = torch.cat([images, images.flip(-1)])
-            features = encoder.backbone(images).reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1)
+            with autocast(runtime):
+                features = encoder.backbone(images)
+            features = features.reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1)
             out[index.numpy()] = features.to("cpu", torch.float16).numpy()
             readable[index.numpy()] = ok.numpy()
             bar.update(len(index))
@@ -511,7 +535,7 @@ class Captioner(nn.Module):
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The EncoderCNN state dict on the CPU, with the standardisation folded into `embed` (same keys)."""
-        state = {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
         weight = state["embed.weight"].double() / self.feature_std.cpu().double()
         state["embed.bias"] = (state["embed.bias"].double() - weight @ self.feature_mean.cpu().double()).float()
         state["embed.weight"] = weight.float()
@@ -542,7 +566,8 @@ def sampled_feature_stats(encoder: EncoderCNN, paths: list[Path], cfg: TrainConf
     features = np.zeros((len(subset), 1, FEATURE_SIZE), dtype=np.float16)
     readable = np.zeros(len(subset), dtype=bool)
     extract_features(encoder, subset, features, readable, image_size=cfg.image_size, mirror=False, runtime=runtime,
-                     batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, desc="feature statistics")
+                     batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, desc="feature statistics",
+                     decode_on_device=decodes_on_device(cfg, runtime))
     return feature_stats(features, readable)
 
 
@@ -597,9 +622,9 @@ def check_resumable(checkpoint: dict, cfg: TrainConfig, vocab: Vocabulary, backb
         raise TrainingError(f"{path}: cannot resume: it was trained on another ResNet-50 backbone "
                             "(--pretrained / --weights-path / --backbone-seed differ)")
     for name in RESUME_MUST_MATCH:
-        if checkpoint["config"][name] != getattr(cfg, name):
+        if checkpoint["config"].get(name) != getattr(cfg, name):
             raise TrainingError(f"{path}: cannot resume with --{name.replace('_', '-')} {getattr(cfg, name)}: "
-                                f"the checkpoint was trained with {checkpoint['config'][name]}")
+                                f"the checkpoint was trained with {checkpoint['config'].get(name)}")
     if checkpoint["world_size"] != world_size:
         raise TrainingError(f"{path}: cannot resume on {world_size} processes: it was written by a run on "
                             f"{checkpoint['world_size']} (each takes its own share of the batches)")
@@ -678,8 +703,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         if unexpected or any(not key.startswith("encoder.resnet.") for key in missing):
             raise TrainingError(f"{checkpoint_path}: its model weights do not fit this model")
-    memory_format = torch.channels_last if runtime.cuda else torch.contiguous_format
-    model.to(runtime.device, memory_format=memory_format)
+    model.to(runtime.device)
 
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -693,11 +717,12 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
     uses_cache = cfg.cache and not cfg.train_cnn and not cfg.blind
     extract = dict(image_size=cfg.image_size, runtime=runtime, batch_size=cfg.extract_batch_size,
-                   num_workers=cfg.num_workers)
+                   num_workers=cfg.num_workers, decode_on_device=decodes_on_device(cfg, runtime))
     train_cache = val_cache = None
     if uses_cache:
-        train_cache = feature_cache(encoder, train_split, VIEWS, cache_dir=cfg.cache_dir, backbone=backbone, **extract)
-        val_cache = feature_cache(encoder, val_split, VIEWS[:1], cache_dir=cfg.cache_dir, backbone=backbone,
+        views = ("centre", "mirror") if cfg.mirror else ("centre",)  # validation uses the centre view only
+        train_cache = feature_cache(encoder, train_split, views, cache_dir=cfg.cache_dir, backbone=backbone, **extract)
+        val_cache = feature_cache(encoder, val_split, ("centre",), cache_dir=cfg.cache_dir, backbone=backbone,
                                   **extract)
     everything = np.ones(len(train_split.image_ids), dtype=bool)
     train_table = caption_table(train_split, vocab, train_cache.readable if train_cache else everything)
@@ -728,7 +753,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     groups = [{"params": [p for p in trainable if all(p is not q for q in cnn_params)], "lr": cfg.lr}]
     if cnn_params:
         groups.append({"params": cnn_params, "lr": cfg.cnn_lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=True if runtime.cuda else None)
+    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=runtime.cuda, foreach=not runtime.cuda)
     steps_per_epoch = len(train_sampler)
     total_steps = cfg.epochs * steps_per_epoch
     schedule = partial(lr_factor, total_steps=total_steps, warmup_steps=int(cfg.warmup_fraction * total_steps),
@@ -804,7 +829,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     val_features = FeatureTable(val_cache, runtime.device) if uses_cache or cfg.blind else None
 
     model.train()
-    run_started = time.perf_counter()
+    run_started = last_plot = time.perf_counter()
     while epoch <= cfg.epochs:
         epoch_started = time.perf_counter()
         # this process's counts start from the checkpoint's (rank 0 carries the sums of all processes)
@@ -828,7 +853,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             )
         else:
             train_sampler.set_epoch(epoch, start_step)
-            torch.manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, start_step, LOADER_STREAM))
+            reseed(derived_seed(cfg.seed, runtime.rank, epoch, start_step, LOADER_STREAM), runtime)
             steps = (_image_batch(batch, runtime, cfg.image_size, vocab) for batch in train_loader)
         with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                   disable=not runtime.is_main, dynamic_ncols=True) as bar:
@@ -836,7 +861,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             window_tokens = 0
             for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
                 global_step = (epoch - 1) * steps_per_epoch + step
-                torch.manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM))
+                reseed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM), runtime)
                 with autocast(runtime):
                     outputs = ddp(captions, features=features, images=images)
                 loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
@@ -890,7 +915,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             save_weights(decoder, out / f"decoder-{epoch}.pkl")
             with atomic_write(out / "metrics.jsonl", "w") as f:
                 f.write("".join(json.dumps(m) + "\n" for m in metrics))
-            plot_metrics(out / "metrics.jsonl", out / "loss.png")
+            if epoch == cfg.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS:
+                plot_metrics(out / "metrics.jsonl", out / "loss.png")  # ~0.4 s: not after every short epoch
+                last_plot = time.perf_counter()
             print(f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"perplexity {record['val_perplexity']:.2f}, {record['captions_per_second']:.0f} captions/s, "
                   f"{epoch_seconds:.1f} s", flush=True)
@@ -946,8 +973,7 @@ def _image_batch(batch, runtime: Runtime, image_size: int, vocab: Vocabulary):
         weight = 0.0
     else:
         images, captions = batch
-    memory_format = torch.channels_last if runtime.cuda else torch.contiguous_format
-    images = images.to(runtime.device, non_blocking=True, memory_format=memory_format)
+    images = images.to(runtime.device, non_blocking=True, memory_format=torch.channels_last)
     return captions.to(runtime.device, non_blocking=True), None, images, weight
 
 
@@ -964,7 +990,7 @@ def validate(model: Captioner, table: CaptionTable | None, features: FeatureTabl
         readable = np.zeros(len(split.paths), dtype=bool)
         extract_features(model.encoder, split.paths, computed, readable, image_size=cfg.image_size, mirror=False,
                          runtime=runtime, batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers,
-                         desc="validation images")
+                         desc="validation images", decode_on_device=decodes_on_device(cfg, runtime))
         table = caption_table(split, vocab, readable).to(runtime.device)
         features = FeatureTable(FeatureCache(None, computed, readable, True), runtime.device)
     sampler = BucketBatchSampler(table.lengths, cfg.batch_size, shuffle=False, num_replicas=runtime.world_size,

@@ -222,6 +222,11 @@ def tokenize_annotations(annotations_file: str | os.PathLike) -> dict[int, list[
     return _tokenize_annotations_cached(str(path), st.st_size, st.st_mtime_ns)
 
 
+def forget_tokens_in_memory() -> None:
+    """Drop the tokens held in memory, so the next call reads the disk cache as a new process would."""
+    _tokenize_annotations_cached.cache_clear()
+
+
 @lru_cache(maxsize=8)
 def _tokenize_annotations_cached(path: str, size: int, mtime_ns: int) -> dict[int, list[str]]:
     key = hashlib.sha256(f"{TOKENS_CACHE_VERSION}|{path}|{size}|{mtime_ns}".encode()).hexdigest()[:20]

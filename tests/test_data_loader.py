@@ -14,7 +14,9 @@ from data_loader import (
     build_transform,
     coco_image_files,
     get_loader,
+    image_batches,
     load_image,
+    resize_side,
 )
 
 LENGTHS = np.random.default_rng(0).choice([5, 6, 7, 8, 9, 12, 20], size=1003, p=[0.1, 0.2, 0.3, 0.2, 0.1, 0.08, 0.02])
@@ -171,3 +173,55 @@ def test_transform_sizes():
     assert build_transform()(image).shape == (3, 224, 224)
     assert build_transform(64, train=True)(image).shape == (3, 64, 64)
     assert Counter(type(t).__name__ for t in build_transform(train=True).transforms)["RandomHorizontalFlip"] == 1
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A smooth random RGB picture (JPEG-friendly, unlike pure noise)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.BICUBIC)
+
+
+def test_reduced_scale_jpeg_decoding_keeps_the_short_side_and_the_picture(tmp_path):
+    path = tmp_path / "big.jpg"
+    photo((640, 480)).save(path, quality=92)
+    full = load_image(path)
+    for min_side, expected in ((256, (640, 480)), (200, (320, 240)), (73, (160, 120)), (50, (80, 60))):
+        assert load_image(path, min_side).size == expected
+        reduced = build_transform(64)(load_image(path, min_side))
+        assert (reduced - build_transform(64)(full)).abs().mean() < 0.03  # ImageNet-normalised units
+    png = tmp_path / "big.png"
+    photo((640, 480)).save(png)
+    assert load_image(png, 73).size == (640, 480)  # other formats are decoded whole
+
+
+@pytest.mark.parametrize("decode_on_device", [False, True], ids=["PIL in workers", "decode_jpeg on the device"])
+def test_image_batches_are_the_eval_transform_and_flag_unreadable_files(tiny_coco, decode_on_device, capsys):
+    """Both decoding paths (the device one runs torchvision's decode_jpeg on the CPU here, nvJPEG on a GPU) give
+    the centre crops of build_transform, in file order, for RGB, grayscale and CMYK JPEGs, PNG data and big
+    photos; missing, corrupt and truncated files come out as zero images with ok=False."""
+    folder = tiny_coco["images"]
+    Image.new("L", (48, 40), 128).save(folder / "img_000000000001.jpg")
+    Image.new("CMYK", (48, 40), (0, 255, 255, 0)).save(folder / "img_000000000002.jpg")
+    (folder / "img_000000000003.jpg").write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    (folder / "img_000000000004.jpg").unlink()
+    photo((640, 480), seed=1).save(folder / "img_000000000005.jpg", quality=92)
+    photo((300, 500), seed=2).save(folder / "img_000000000006.jpg", format="PNG")  # PNG data in a .jpg
+    whole = (folder / "img_000000000008.jpg").read_bytes()
+    (folder / "img_000000000007.jpg").write_bytes(whole[: len(whole) // 2])  # truncated
+    _ids, paths = coco_image_files(tiny_coco["annotations"], folder)
+    batches = list(image_batches(paths, 32, "cpu", batch_size=5, decode_on_device=decode_on_device))
+    assert [len(indices) for _, indices, _ in batches] == [5, 5, 2]
+    images, indices, ok = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    assert indices.tolist() == list(range(len(paths))) and images.shape == (len(paths), 3, 32, 32)
+    unreadable = {2, 3, 6}  # files 3, 4 and 7
+    assert ok.tolist() == [i not in unreadable for i in range(len(paths))]
+    assert not images[~ok].any()
+    for i in np.flatnonzero(ok.numpy()):
+        reference = build_transform(32)(load_image(paths[i]))
+        assert (images[i] - reference).abs().mean() < 0.03, paths[i].name
+    err = capsys.readouterr().err
+    assert all(err.count(f"img_00000000000{n}.jpg") == 1 for n in (3, 4, 7)), err  # one line each
+
+
+def test_resize_side_is_the_seeds_256_for_224():
+    assert resize_side(224) == 256 and resize_side(64) == 73

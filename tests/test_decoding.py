@@ -109,6 +109,7 @@ def test_beam_search_agrees_with_exhaustive_search_including_length_penalty():
         list(ids) + [END] for n in range(max_len) for ids in itertools.product([0, 2, 3, 4], repeat=n)
     ]
     candidates += [list(ids) for ids in itertools.product([0, 2, 3, 4], repeat=max_len)]  # never end
+    candidates = [ids for ids in candidates if set(ids) - {START, END} or ids[-1] != END]  # no empty caption
     beam_size = 4 ** (max_len - 1) * vocab  # wide enough to never prune: the search becomes exhaustive
     for alpha in (0.0, 0.7, 1.5):
         results = decoder.beam_search(features, beam_size, max_len, length_penalty=alpha, top_n=5)
@@ -167,14 +168,20 @@ def test_top_k_first_matches_a_stable_sort_on_rows_full_of_ties():
         assert torch.equal(indices, expected_indices[:, :k])
 
 
-def test_immediate_end():
-    decoder = markov_decoder(table({IMAGE: {END: 0.9}}))
-    features = start_from(IMAGE)
-    assert decoder.greedy_search(features) == [[END]]
-    assert decoder.beam_search(features, beam_size=3) == [[END]]
-    (ids, score), *_ = decoder.beam_search(features, beam_size=3, top_n=3)[0]
-    assert ids == [END] and score == pytest.approx(math.log(0.9), abs=1e-5)
-    assert decoder.sample(features.view(1, 1, -1)) == [END]
+def test_no_decoder_returns_an_empty_caption():
+    # "<end>" (0.6) and "<start> <end>" (0.3 * 0.5) are the likeliest sequences, but a caption needs a word:
+    # the best one with a word is <start> B <end> (0.3 * 0.3 * 0.9), then A <end> (0.02 * 0.9 = 0.018).
+    log_probs = table({IMAGE: {END: 0.6, START: 0.3}, START: {END: 0.5, B: 0.3}, A: {END: 0.9}, B: {END: 0.9}})
+    decoder = markov_decoder(log_probs)
+    features = start_from(IMAGE, IMAGE)
+    assert decoder.greedy_search(features) == [[START, B, END]] * 2
+    assert decoder.sample(features[:1].view(1, 1, -1)) == [START, B, END]
+    assert decoder.beam_search(features, beam_size=1) == [[START, B, END]] * 2
+    (ids, score), (second, _) = decoder.beam_search(features, beam_size=3, top_n=2)[0]
+    assert ids == [START, B, END] and score == pytest.approx(log_prob(log_probs, ids), abs=1e-5)
+    assert second[-1] == END and any(word not in (START, END) for word in second)
+    drawn = decoder.sample_search(start_from(*[IMAGE] * 500), generator=torch.Generator().manual_seed(0))
+    assert all(any(word not in (START, END) for word in ids) for ids in drawn if ids[-1] == END)
 
 
 def test_a_caption_that_never_ends_stops_at_max_len():
@@ -194,7 +201,8 @@ def test_a_batch_of_mixed_lengths_equals_one_image_at_a_time():
     states = [IMAGE, A, B, C, END, START]
     features = start_from(*states)
     greedy = decoder.greedy_search(features, max_len=6)
-    assert greedy == [[A, C, END], [C, END], [END], [END], [A, C, END], [START] * 6]
+    # From B and C, <end> (0.97, 0.98) may not come first: the tie between the other words goes to <start>.
+    assert greedy == [[A, C, END], [C, END], [START] * 6, [START] * 6, [A, C, END], [START] * 6]
     assert greedy == [decoder.greedy_search(start_from(s), max_len=6)[0] for s in states]
     for beam_size in (1, 2, 3):
         batched = decoder.beam_search(features, beam_size, max_len=6, top_n=beam_size)
@@ -218,10 +226,11 @@ def test_random_decoders_batched_equals_single_and_beam_one_equals_greedy(num_la
     assert [decoder.sample(f.view(1, 1, -1), max_len=12) for f in features] == greedy
     beam = decoder.beam_search(features, beam_size=4, max_len=12)
     assert beam == [decoder.beam_search(f.unsqueeze(0), beam_size=4, max_len=12)[0] for f in features]
-    # Beam search never returns a caption less likely than the greedy one.
-    scored = decoder.beam_search(features, beam_size=4, max_len=12, top_n=1)
-    for (_, score), greedy_ids, f in zip((r[0] for r in scored), greedy, features, strict=True):
-        assert score >= sequence_log_prob(decoder, f, greedy_ids) - 1e-4
+    # The scores beam search reports are the model's log-probabilities of the captions it returns.
+    scored = decoder.beam_search(features, beam_size=4, max_len=12, top_n=4)
+    for hypotheses, f in zip(scored, features, strict=True):
+        assert [score for _, score in hypotheses] == pytest.approx(
+            [sequence_log_prob(decoder, f, ids) for ids, _ in hypotheses], abs=1e-4)
 
 
 def sequence_log_prob(decoder: DecoderRNN, features: torch.Tensor, ids: list[int]) -> float:

@@ -94,7 +94,9 @@ def test_pickles_load_strictly_into_fresh_modules_and_reproduce_the_val_loss(tra
         assert (out / f"encoder-{epoch}.pkl").exists() and (out / f"decoder-{epoch}.pkl").exists()
     encoder = EncoderCNN(64, pretrained=False)
     decoder = DecoderRNN(64, 64, len(vocab), cfg["num_layers"])
-    encoder.load_state_dict(torch.load(out / "encoder-8.pkl", weights_only=True), strict=True)
+    saved = torch.load(out / "encoder-8.pkl", weights_only=True)
+    assert all(tensor.is_contiguous() for tensor in saved.values())  # as old PyTorch and the template wrote them
+    encoder.load_state_dict(saved, strict=True)
     decoder.load_state_dict(torch.load(out / "decoder-8.pkl", weights_only=True), strict=True)
     encoder.eval()
     decoder.eval()
@@ -185,6 +187,17 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
     assert table.left_out == sum(1 for _, image_id in split.captions if image_id == split.image_ids[3]) > 0
     assert 3 not in table.rows.tolist()
 
+    # JPEGs decoded by torchvision on the device (nvJPEG on a GPU) make a cache of their own, with nearly the
+    # same features (resizing with torch instead of PIL moves pixels by ~0.005 in normalised units)
+    on_device = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=tmp_path / "features",
+                              runtime=cpu, batch_size=16, num_workers=0, decode_on_device=True)
+    assert on_device.built and on_device.path != centre_only.path
+    assert on_device.readable.tolist() == broken.readable.tolist()
+    ok = broken.readable
+    pil, device = (np.asarray(c.features[ok, 0], dtype=np.float64) for c in (broken, on_device))
+    spread = pil - pil.mean(0)  # random-ResNet features share a large offset: compare what varies
+    assert np.abs(device - pil).mean() < 0.1 * np.abs(spread).mean()
+
     fewer = read_split(paths["val_annotations"], paths["val_images"])
     fewer.image_ids, fewer.paths = fewer.image_ids[:-1], fewer.paths[:-1]  # an image dropped from the list
     assert build(the_split=fewer).built
@@ -226,6 +239,23 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base,
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 3 \("):
         train.train(config(base, tmp_path / "early", epochs=1, nan_at_step=3, log_every=50))
     assert not (tmp_path / "early" / "checkpoint.pt").exists()
+
+
+def test_mirror_caches_and_trains_on_both_views(base, token_cache, tmp_path, capsys):
+    """--mirror: the cache holds each training image and its mirror image; epochs draw views from both."""
+    make_sample_dataset(tmp_path / "small", n_train=30, n_val=6, n_test=1)
+    small = dict(data_root=str(tmp_path / "small"), epochs=2, batch_size=64, vocab_threshold=1)
+    mirrored = train.train(config(base, tmp_path / "mirrored", mirror=True, **small))
+    features = np.load(Path(mirrored["cache"]) / "features.npy", mmap_mode="r")
+    assert features.shape == (30, 2, 2048) and not np.array_equal(features[:, 0], features[:, 1])
+    plain = train.train(config(base, tmp_path / "plain", **small))
+    assert np.load(Path(plain["cache"]) / "features.npy", mmap_mode="r").shape == (30, 1, 2048)
+    assert mirrored["weights_sha256"] != plain["weights_sha256"]
+    args = ["--data-root", str(tmp_path / "small"), "--cache-dir", str(base / "features"), "--image-size", "32",
+            "--embed-size", "64", "--hidden-size", "64", "--batch-size", "64", "--vocab-threshold", "1",
+            "--out-dir", str(tmp_path / "mirrored"), "--epochs", "3", "--resume", "--no-mirror"]
+    assert train.main(args) == 2
+    assert "--mirror False" in cli_error(capsys)
 
 
 def test_image_paths_without_cache_and_with_cnn_fine_tuning(base, token_cache, tmp_path):
