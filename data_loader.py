@@ -331,7 +331,8 @@ class ImageFileDataset(data.Dataset):
 class EncodedImageDataset(data.Dataset):
     """Image files prepared for decoding on the GPU: (JPEG bytes, None, index) for RGB and grayscale JPEGs,
     (None, transformed image, index) for other images (decoded here by PIL: CMYK JPEGs, PNGs, ...), and
-    (None, None, index) for unreadable files. Reading only headers and bytes, a worker keeps up with nvJPEG."""
+    (None, None, index) for unreadable files. Reading only headers and bytes, a worker keeps up with nvJPEG; the
+    bytes travel to the main process through the worker pipe, cheaper than one shared-memory tensor per file."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], image_size: int):
         self.paths = [Path(p) for p in paths]
@@ -344,7 +345,7 @@ class EncodedImageDataset(data.Dataset):
             encoded = path.read_bytes()
             with Image.open(io.BytesIO(encoded)) as img:  # parses the header only
                 if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                    return torch.frombuffer(bytearray(encoded), dtype=torch.uint8), None, index
+                    return encoded, None, index
             return None, self.transform(load_image(path, resize_side(self.image_size))), index
         except (OSError, ValueError, SyntaxError, UnreadableImage) as e:
             error = e if isinstance(e, UnreadableImage) else unreadable(path, e)
@@ -403,6 +404,7 @@ def _decode_batch(encoded: list, pixels: list, paths: list[Path], image_size: in
         if image is not None:
             images[i] = image.to(device, non_blocking=True)
     jpegs = [i for i, e in enumerate(encoded) if e is not None]
+    encoded = [None if e is None else torch.frombuffer(bytearray(e), dtype=torch.uint8) for e in encoded]
     try:
         decoded = _decode_jpeg([encoded[i] for i in jpegs], device) if jpegs else []
     except RuntimeError:  # one bad file fails the whole batch: decode one by one, PIL for what nvJPEG refuses

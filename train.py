@@ -448,6 +448,16 @@ def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    remove_unreadable_caches(folder.parent)
+
+
+def remove_unreadable_caches(cache_dir: Path) -> None:
+    """Delete the caches an older CACHE_FORMAT wrote: no run of this train.py can read them (COCO's are 0.3-0.7 GB)."""
+    for old in cache_dir.iterdir():
+        key = _read_cache_key(old) if old.is_dir() else None
+        if key is not None and key.get("format") != CACHE_FORMAT:
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"removed {old}: a feature cache of an older format", flush=True)
 
 
 @torch.inference_mode()

@@ -155,8 +155,12 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
         return feature_cache(enc, the_split, views, image_size=size, cache_dir=tmp_path / "features",
                              runtime=cpu, batch_size=16, num_workers=0)
 
+    outdated = tmp_path / "features" / "captions_val-32px-0123456789abcdef"  # written by an older train.py
+    outdated.mkdir(parents=True)
+    (outdated / "key.json").write_text(json.dumps({"key": {"format": train.CACHE_FORMAT - 1}}))
     first = build()
     assert first.built and forwards and first.features.shape == (30, 2, 2048)
+    assert not outdated.exists()
     assert first.features.dtype == np.float16 and first.skipped == 0
     assert isinstance(first.features, np.memmap)
     again = build()
