@@ -78,13 +78,13 @@ class BenchConfig:
 
 PRESETS = {
     "cpu": BenchConfig(
-        device="cpu", images=400, image_size=64, mirror=False, word_list=1000, vocab_threshold=4, embed_size=128, hidden_size=256,
-        num_layers=1, dropout=0.0, batch_size=64, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=64,
+        device="cpu", images=400, image_size=64, mirror=False, word_list=1000, vocab_threshold=4, embed_size=128,
+        hidden_size=256, num_layers=1, dropout=0.0, batch_size=64, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=64,
         decode_images=400, decode_batch=400, one_at_a_time_images=200,
     ),
     "quick": BenchConfig(
-        device="cpu", images=32, image_size=32, mirror=False, word_list=200, vocab_threshold=2, embed_size=64, hidden_size=128,
-        num_layers=1, dropout=0.0, batch_size=32, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=32,
+        device="cpu", images=32, image_size=32, mirror=False, word_list=200, vocab_threshold=2, embed_size=64,
+        hidden_size=128, num_layers=1, dropout=0.0, batch_size=32, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=32,
         decode_images=32, decode_batch=32, one_at_a_time_images=16,
     ),
     # The seeds' model on a COCO-sized vocabulary.

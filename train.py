@@ -2,8 +2,9 @@
 
 The ResNet-50 is frozen, so its pooled 2048-d output for an image never changes: it is computed once per image
 and view (the centre crop, and with --mirror its mirror image too), cached on disk as float16 (memory-mapped .npy)
-and `embed` + the decoder train from the cache. On a GPU the JPEGs are decoded there too (nvJPEG). `--train-cnn` (fine-tunes resnet.7) and `--no-cache` run the JPEGs through the ResNet at
-every step instead. `torchrun --nproc_per_node=N train.py ...` trains with DistributedDataParallel.
+and `embed` + the decoder train from the cache; on a GPU the JPEGs are decoded there too (nvJPEG). `--train-cnn`
+(fine-tunes resnet.7) and `--no-cache` run the JPEGs through the ResNet at every step instead.
+`torchrun --nproc_per_node=N train.py ...` trains with DistributedDataParallel.
 
 Every random choice is a function of (seed, rank, epoch, step) -- dropout is reseeded before each step, the
 views of an epoch come from a generator seeded by (seed, rank, epoch), batches from the sampler's (seed, epoch) --
@@ -66,6 +67,7 @@ from vocabulary import Vocabulary, VocabularyError, tokenize_annotations
 CACHE_FORMAT = 2  # bump when the cache layout or the extraction changes
 CHECKPOINT_FORMAT = 1
 STATS_IMAGES = 512  # images whose features give the standardisation statistics when there is no cache
+EXTRACT_FLUSH_BATCHES = 16  # batches of features kept on the GPU between copies to the cache (no wait per batch)
 PLOT_EVERY_SECONDS = 60  # redraw loss.png after an epoch when this long has passed since the last drawing
 
 
@@ -452,7 +454,8 @@ def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_
 
 
 def remove_unreadable_caches(cache_dir: Path) -> None:
-    """Delete the caches an older CACHE_FORMAT wrote: no run of this train.py can read them (COCO's are 0.3-0.7 GB)."""
+    """Delete the caches that an older CACHE_FORMAT wrote: no run of this train.py can read them again, and COCO's
+    take 0.3-0.7 GB each."""
     for old in cache_dir.iterdir():
         key = _read_cache_key(old) if old.is_dir() else None
         if key is not None and key.get("format") != CACHE_FORMAT:
@@ -480,16 +483,26 @@ def extract_features(
     `decode_on_device`: the JPEGs are decoded on the (CUDA) device instead of by PIL in the workers.
     """
     batches = image_batches(paths, image_size, runtime.device, batch_size, num_workers, decode_on_device)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (indices, features) still on the device
+
+    def write_pending() -> None:  # one device-to-host copy (and wait) per EXTRACT_FLUSH_BATCHES batches
+        if pending:
+            index = torch.cat([i for i, _ in pending]).numpy()
+            out[index] = torch.cat([f for _, f in pending]).cpu().numpy()
+            pending.clear()
+
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not runtime.is_main) as bar:
         for images, index, ok in batches:
             if mirror:
                 images = torch.cat([images, images.flip(-1)])
             with autocast(runtime):
                 features = encoder.backbone(images)
-            features = features.reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1)
-            out[index.numpy()] = features.to("cpu", torch.float16).numpy()
+            pending.append((index, features.reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1).half()))
             readable[index.numpy()] = ok.numpy()
             bar.update(len(index))
+            if len(pending) == EXTRACT_FLUSH_BATCHES:
+                write_pending()
+        write_pending()
 
 
 class FeatureTable:

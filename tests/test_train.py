@@ -163,6 +163,12 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
     assert not outdated.exists()
     assert first.features.dtype == np.float16 and first.skipped == 0
     assert isinstance(first.features, np.memmap)
+    # 20 batches of one image: written to the cache in two flushes (EXTRACT_FLUSH_BATCHES = 16), in the right rows
+    one_by_one, flags = np.zeros((20, 1, 2048), dtype=np.float16), np.zeros(20, dtype=bool)
+    train.extract_features(encoder, split.paths[:20], one_by_one, flags, image_size=32, mirror=False, runtime=cpu,
+                           batch_size=1, num_workers=0, desc="one by one")
+    assert flags.all()
+    np.testing.assert_allclose(one_by_one[:, 0], first.features[:20, 0], rtol=0.02, atol=0.01)
     again = build()
     assert not again.built and not forwards and again.path == first.path
     np.testing.assert_array_equal(again.features, first.features)
