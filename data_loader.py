@@ -99,17 +99,12 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
             if min_side is not None:
                 img.draft(None, (min_side, min_side))  # a no-op for other formats and small images
             return img.convert("RGB")
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, "not an image file (cannot identify its format)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise unreadable(path, e) from None
-
-
-def unreadable(path: str | os.PathLike, error: Exception) -> UnreadableImage:
-    """The UnreadableImage for an error met while reading or decoding `path`."""
-    if isinstance(error, FileNotFoundError):
-        return UnreadableImage(path, "file not found")
-    if isinstance(error, UnidentifiedImageError):
-        return UnreadableImage(path, "not an image file (cannot identify its format)")
-    return UnreadableImage(path, f"cannot decode image ({error})")
+        raise UnreadableImage(path, f"cannot decode image ({e})") from None
 
 
 class _SkipLog:
@@ -330,30 +325,30 @@ class ImageFileDataset(data.Dataset):
 
 class EncodedImageDataset(data.Dataset):
     """Image files prepared for decoding on the GPU: (JPEG bytes, None, index) for RGB and grayscale JPEGs,
-    (None, transformed image, index) for other images (decoded here by PIL: CMYK JPEGs, PNGs, ...), and
+    (None, transformed image, index) for other images, decoded here by `pil` (CMYK JPEGs, PNGs, ...), and
     (None, None, index) for unreadable files. Reading only headers and bytes, a worker keeps up with nvJPEG; the
     bytes travel to the main process through the worker pipe, cheaper than one shared-memory tensor per file."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int):
-        self.paths = [Path(p) for p in paths]
-        self.image_size = image_size
-        self.transform = build_transform(image_size)
+    def __init__(self, pil: ImageFileDataset):
+        self.pil = pil  # the same files with the CPU transform: the fallback, and the one to name unreadable files
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
         try:
-            encoded = path.read_bytes()
+            encoded = self.pil.paths[index].read_bytes()
             with Image.open(io.BytesIO(encoded)) as img:  # parses the header only
                 if img.format == "JPEG" and img.mode in ("RGB", "L"):
                     return encoded, None, index
-            return None, self.transform(load_image(path, resize_side(self.image_size))), index
-        except (OSError, ValueError, SyntaxError, UnreadableImage) as e:
-            error = e if isinstance(e, UnreadableImage) else unreadable(path, e)
-            print(f"warning: skipping unreadable image {error}", file=sys.stderr, flush=True)
-            return None, None, index
+        except (OSError, ValueError, SyntaxError):
+            pass  # PIL below says what is wrong with the file
+        return None, self.pil_image(index), index
+
+    def pil_image(self, index: int) -> torch.Tensor | None:
+        """The file decoded and transformed by PIL, or None (with a warning line) when it is unreadable."""
+        image, _, ok = self.pil[index]
+        return image if ok else None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.pil)
 
 
 def _as_lists(batch: list[tuple]) -> tuple[list, ...]:
@@ -378,27 +373,27 @@ def image_batches(
     device = torch.device(device)
     if decode_on_device is None:
         decode_on_device = device.type == "cuda"
+    pil = ImageFileDataset(paths, build_transform(image_size), image_size, resize_side(image_size))
     if not decode_on_device:
-        dataset = ImageFileDataset(paths, build_transform(image_size), image_size, resize_side(image_size))
-        loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = data.DataLoader(pil, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
         for images, indices, ok in loader:
             yield images.to(device, non_blocking=True), indices, ok
         return
-    dataset = EncodedImageDataset(paths, image_size)
+    dataset = EncodedImageDataset(pil)
     loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_as_lists)
     for encoded, pixels, indices in loader:
-        images, ok = _decode_batch(encoded, pixels, [dataset.paths[i] for i in indices], image_size, device)
+        images, ok = _decode_batch(encoded, pixels, indices, dataset, image_size, device)
         yield images, torch.tensor(indices), ok
 
 
 @torch.no_grad()
-def _decode_batch(encoded: list, pixels: list, paths: list[Path], image_size: int,
+def _decode_batch(encoded: list, pixels: list, indices: list[int], dataset: EncodedImageDataset, image_size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode the JPEG bytes of a batch on `device` and resize, crop and normalise them there, as
     build_transform(image_size) does with PIL; `pixels` already hold the others. Returns (images, ok)."""
     from torchvision.transforms.v2 import functional as TF
 
-    images = torch.zeros(len(paths), 3, image_size, image_size, device=device)
+    images = torch.zeros(len(indices), 3, image_size, image_size, device=device)
     ok = torch.tensor([e is not None or p is not None for e, p in zip(encoded, pixels, strict=True)])
     for i, image in enumerate(pixels):
         if image is not None:
@@ -408,7 +403,7 @@ def _decode_batch(encoded: list, pixels: list, paths: list[Path], image_size: in
     try:
         decoded = _decode_jpeg([encoded[i] for i in jpegs], device) if jpegs else []
     except RuntimeError:  # one bad file fails the whole batch: decode one by one, PIL for what nvJPEG refuses
-        decoded = [_decode_one(encoded[i], paths[i], image_size, device) for i in jpegs]
+        decoded = [_decode_one(encoded[i], indices[i], dataset, device) for i in jpegs]
     decoded_of = dict(zip(jpegs, decoded, strict=True))
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for i, image in decoded_of.items():
@@ -440,16 +435,14 @@ def _decode_jpeg(encoded: torch.Tensor | list[torch.Tensor], device: torch.devic
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def _decode_one(encoded: torch.Tensor, path: Path, image_size: int, device: torch.device) -> torch.Tensor | None:
+def _decode_one(encoded: torch.Tensor, index: int, dataset: EncodedImageDataset,
+                device: torch.device) -> torch.Tensor | None:
     """One JPEG decoded on `device` (uint8 [3, H, W]), else by PIL (transformed, float), else None (unreadable)."""
     try:
         return _decode_jpeg(encoded, device)
     except RuntimeError:
-        try:
-            return build_transform(image_size)(load_image(path, resize_side(image_size))).to(device)
-        except UnreadableImage as e:
-            print(f"warning: skipping unreadable image {e}", file=sys.stderr, flush=True)
-            return None
+        image = dataset.pil_image(index)
+        return None if image is None else image.to(device)
 
 
 def coco_image_files(annotations_file: str | os.PathLike, img_folder: str | os.PathLike) -> tuple[list[int], list[Path]]:
