@@ -35,23 +35,30 @@ def resnet50_backbone(pretrained: bool = True, weights_path: str | os.PathLike |
     With `pretrained=False` the random init is drawn from `seed`, so every run gets the same network and cached
     features stay valid.
     """
-    if weights_path is not None:
-        resnet = models.resnet50(weights=None)
+    if weights_path is not None or pretrained:
+        if weights_path is not None:
+            try:
+                state = read_state_dict(weights_path)
+            except WeightsFileError as e:
+                raise PretrainedWeightsUnavailable(str(e)) from None
+        else:
+            weights = models.ResNet50_Weights.IMAGENET1K_V1
+            try:
+                state = weights.get_state_dict(progress=True, check_hash=True)
+            except Exception as e:
+                cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+                raise PretrainedWeightsUnavailable(
+                    f"cannot get ImageNet weights for ResNet-50 ({type(e).__name__}: {e}). Offline? Download "
+                    f"{weights.url} elsewhere and put it at {cache}, or pass weights_path=, or use pretrained=False"
+                ) from None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        with torch.device("meta"):  # no random init of 25M weights that are about to be replaced (~0.3 s)
+            resnet = models.resnet50(weights=None)
         try:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            resnet.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise PretrainedWeightsUnavailable(f"{weights_path}: not a ResNet-50 state dict ({e})") from None
-    elif pretrained:
-        weights = models.ResNet50_Weights.IMAGENET1K_V1
-        try:
-            resnet = models.resnet50(weights=weights)
-        except Exception as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            raise PretrainedWeightsUnavailable(
-                f"cannot get ImageNet weights for ResNet-50 ({type(e).__name__}: {e}). Offline? Download "
-                f"{weights.url} elsewhere and put it at {cache}, or pass weights_path=, or use pretrained=False"
-            ) from None
+            resnet.load_state_dict(state, assign=True)
+        except RuntimeError as e:
+            source = weights_path if weights_path is not None else weights.url
+            raise PretrainedWeightsUnavailable(f"{source}: not a ResNet-50 state dict ({_mismatch(e)})") from None
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

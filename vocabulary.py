@@ -11,11 +11,12 @@ import io
 import json
 import os
 import pickle
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from nltk.tokenize import word_tokenize
+from nltk.tokenize import NLTKWordTokenizer, word_tokenize
 from tqdm.auto import tqdm
 
 from fileio import atomic_write
@@ -24,13 +25,33 @@ CACHE_DIR = Path(os.environ.get("CAPTION_CACHE_DIR", Path(__file__).resolve().pa
 TOKENS_CACHE_VERSION = 1
 
 
+# Most COCO captions are lowercase words, digits and spaces with at most a final full stop. NLTK's rules leave such
+# a caption whole except for splitting at spaces, splitting off the full stop and its contraction rules ("cannot"
+# -> "can not"), so those are tokenized with str.split and everything else by NLTK itself: tests/test_vocabulary.py
+# checks both give the same tokens.
+_PLAIN_CAPTION = re.compile(r"[a-z0-9 ]*[a-z0-9] *\.? *")
+_NLTK_CONTRACTIONS = NLTKWordTokenizer.CONTRACTIONS2 + NLTKWordTokenizer.CONTRACTIONS3
+
+
+@lru_cache(maxsize=1 << 16)
+def _splits_as_contraction(word: str) -> bool:
+    """Whether an NLTK contraction rule splits this word of letters and digits; each rule matches within a word."""
+    return any(rule.search(f" {word} ") for rule in _NLTK_CONTRACTIONS)
+
+
 def tokenize(caption: str) -> list[str]:
-    """Lowercase word tokens of one caption.
+    """Lowercase word tokens of one caption, as NLTK's `word_tokenize` gives them.
 
     `preserve_line=True` skips NLTK's sentence splitter, which needs the downloadable `punkt_tab` data; a COCO
     caption is one sentence, so the tokens are the same and no NLTK data has to be installed.
     """
-    return word_tokenize(str(caption).lower(), preserve_line=True)
+    text = str(caption).lower()
+    if _PLAIN_CAPTION.fullmatch(text):
+        body = text.rstrip()
+        words = body[:-1].split() + ["."] if body.endswith(".") else body.split()
+        if not any(map(_splits_as_contraction, words)):
+            return words
+    return word_tokenize(text, preserve_line=True)
 
 
 class VocabularyError(ValueError):

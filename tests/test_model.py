@@ -116,3 +116,36 @@ def test_random_backbone_depends_only_on_its_seed(encoder):
     assert same.backbone_fingerprint() == encoder.backbone_fingerprint()
     other = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
     assert other.backbone_fingerprint() != encoder.backbone_fingerprint()
+
+
+def test_imagenet_weights_load_from_a_file_and_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    """weights_path= and pretrained=True (torchvision's download cache, filled here by hand: no network) give the
+    file's exact weights, in float32 and channels_last; bad files fail in one line naming the file."""
+    import torchvision.models as models
+
+    from model import PretrainedWeightsUnavailable
+
+    torch.manual_seed(7)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in models.resnet50().state_dict().items()}
+    weights_file = tmp_path / "r50.pth"
+    torch.save(state, weights_file)
+    hub_file = tmp_path / "hub" / "checkpoints" / models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    hub_file.parent.mkdir(parents=True)
+    torch.save(state, hub_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for encoder in (EncoderCNN(EMBED, weights_path=weights_file), EncoderCNN(EMBED, pretrained=True)):
+        loaded = encoder.resnet.state_dict()
+        assert torch.equal(loaded["0.weight"], state["conv1.weight"].float())
+        assert torch.equal(loaded["7.2.bn3.running_var"], state["layer4.2.bn3.running_var"].float())
+        assert all(v.dtype != torch.float16 and v.device.type == "cpu" for v in loaded.values())
+        assert encoder.resnet[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not any(p.requires_grad for p in encoder.resnet.parameters())
+        assert encoder.backbone(torch.ones(1, 3, 32, 32)).isfinite().all()
+
+    torch.save({"conv1.weight": torch.zeros(3)}, weights_file)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"r50\.pth: not a ResNet-50 state dict \(Missing key"):
+        EncoderCNN(EMBED, weights_path=weights_file)
+    weights_file.write_bytes(b"not a pickle")
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"r50\.pth: truncated or corrupt") as error:
+        EncoderCNN(EMBED, weights_path=weights_file)
+    assert "\n" not in str(error.value)

@@ -137,6 +137,25 @@ def test_encode_decode_round_trip(tmp_path):
     assert tokenize("Two men, one dog.") == ["two", "men", ",", "one", "dog", "."]
 
 
+def test_tokenize_gives_nltks_tokens_on_plain_and_tricky_captions():
+    """tokenize() splits plain captions itself: on random mixes of words, digits, full stops, contractions NLTK
+    splits ("cannot", "wanna."), quotes and other punctuation it must give exactly NLTK's tokens."""
+    import random
+
+    from nltk.tokenize import word_tokenize
+
+    pieces = ["a", "Dog", "2", "10", "3.5", "cannot", "CanNot.", "can", "not", "gonna", "wanna", "wanna.", "gimme",
+              "lemme", "gotta", "more", "tis", "'t", "'s", "man's", "it's", "d'ye", ".", "...", ",", ":", ";", "!",
+              "?", "(", ")", '"', "'", "-", "--", "&", "\t", "é", "x9"]
+    rng = random.Random(0)
+    captions = ["A man riding a wave on top of a surfboard.", "two dogs  playing . ", "wanna", "cannot.", " a 2"]
+    captions += ["".join(rng.choice(pieces) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(1, 9)))
+                 for _ in range(20000)]
+    for caption in captions:
+        assert tokenize(caption) == word_tokenize(caption.lower(), preserve_line=True), caption
+    assert tokenize("wanna.") == ["wan", "na", "."] and tokenize("A cat.") == ["a", "cat", "."]
+
+
 def test_tokenized_once_and_cached(tmp_path):
     ann = write_captions(tmp_path / "c.json", CAPTIONS)
     first = tokenize_annotations(ann)
