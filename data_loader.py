@@ -7,9 +7,11 @@ proper epoch (each caption exactly once, reshuffled per epoch, split evenly acro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import math
 import os
+import platform
 import sys
 import warnings
 from collections import defaultdict
@@ -355,6 +357,37 @@ def _as_lists(batch: list[tuple]) -> tuple[list, ...]:
     return tuple(map(list, zip(*batch, strict=True)))
 
 
+_GLIBC = ctypes.CDLL(None) if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_reuse_depth = 0
+
+
+@contextlib.contextmanager
+def reuse_freed_cpu_memory() -> Iterator[None]:
+    """Inside, glibc's malloc keeps freed blocks of up to 1 GiB for the next batch instead of unmapping them; on the
+    way out it returns to the limits it would have reached by itself and gives the memory back. A no-op off glibc.
+
+    A CPU ResNet-50 pass over 64 crops of 224 px allocates activations of about 200 MB; by default each is a fresh
+    mmap whose pages the kernel zeroes on first touch: a third of the pass (84 -> 57 ms per image on 2 cores).
+    """
+    global _reuse_depth
+    if _GLIBC is None:
+        yield
+        return
+    if _reuse_depth == 0:
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        _GLIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    _reuse_depth += 1
+    try:
+        yield
+    finally:
+        _reuse_depth -= 1
+        if _reuse_depth == 0:
+            _GLIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for its adaptive thresholds
+            _GLIBC.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+            _GLIBC.malloc_trim(0)
+
+
 def image_batches(
     paths: Sequence[str | os.PathLike],
     image_size: int,
@@ -374,16 +407,18 @@ def image_batches(
     if decode_on_device is None:
         decode_on_device = device.type == "cuda"
     pil = ImageFileDataset(paths, build_transform(image_size), image_size, resize_side(image_size))
-    if not decode_on_device:
-        loader = data.DataLoader(pil, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-        for images, indices, ok in loader:
-            yield images.to(device, non_blocking=True), indices, ok
-        return
-    dataset = EncodedImageDataset(pil)
-    loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_as_lists)
-    for encoded, pixels, indices in loader:
-        images, ok = _decode_batch(encoded, pixels, indices, dataset, image_size, device)
-        yield images, torch.tensor(indices), ok
+    # the caller runs the ResNet between yields: on the CPU its activations reuse the memory the last batch freed
+    with reuse_freed_cpu_memory() if device.type == "cpu" else contextlib.nullcontext():
+        if not decode_on_device:
+            loader = data.DataLoader(pil, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+            for images, indices, ok in loader:
+                yield images.to(device, non_blocking=True), indices, ok
+            return
+        dataset = EncodedImageDataset(pil)
+        loader = data.DataLoader(dataset, batch_size, num_workers=num_workers, collate_fn=_as_lists)
+        for encoded, pixels, indices in loader:
+            images, ok = _decode_batch(encoded, pixels, indices, dataset, image_size, device)
+            yield images, torch.tensor(indices), ok
 
 
 @torch.no_grad()

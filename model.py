@@ -7,13 +7,10 @@ the weight files of this project and of the CVND family (renamed layers, PyTorch
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
 import os
 import pickle
-import platform
 import re
 from pathlib import Path
 
@@ -69,24 +66,6 @@ def resnet50_backbone(pretrained: bool = True, weights_path: str | os.PathLike |
     return nn.Sequential(*list(resnet.children())[:-1])
 
 
-@functools.cache
-def tune_cpu_allocator() -> None:
-    """Make glibc's malloc keep freed blocks for reuse rather than unmapping them; process-wide, once; a no-op
-    elsewhere (macOS, musl).
-
-    By default every allocation over 32 MiB (a ResNet activation for a batch of 224 px images) is a fresh mmap whose
-    pages the kernel zeroes on first touch: with batches of 64 that was a third of a CPU ResNet-50 pass (84 -> 57 ms
-    per image here, 96 px 13.5 -> 11 ms). It is the caching that jemalloc/tcmalloc give in PyTorch's CPU tuning
-    guide; memory freed stays with the process for its next batch.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    mallopt = ctypes.CDLL(None).mallopt
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GiB come from the heap ...
-    mallopt(m_trim_threshold, 1 << 30)  # ... which keeps up to 1 GiB free at its top instead of shrinking at once
-
-
 class EncoderCNN(nn.Module):
     """Frozen ResNet-50 -> 2048-d pooled feature -> Linear `embed` to the decoder's input size.
 
@@ -105,7 +84,6 @@ class EncoderCNN(nn.Module):
         backbone_seed: int = 0,
     ):
         super().__init__()
-        tune_cpu_allocator()
         self.resnet = resnet50_backbone(pretrained, weights_path, backbone_seed)
         self.resnet.requires_grad_(False)
         self.train_cnn = train_cnn

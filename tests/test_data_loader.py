@@ -1,7 +1,12 @@
 """Data loader: the bucket sampler's epoch properties, image handling, template API, bad inputs."""
 
 import json
+import platform
+import subprocess
+import sys
+import textwrap
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +230,52 @@ def test_image_batches_are_the_eval_transform_and_flag_unreadable_files(tiny_coc
 
 def test_resize_side_is_the_seeds_256_for_224():
     assert resize_side(224) == 256 and resize_side(64) == 73
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
+def test_cpu_batches_let_large_tensors_reuse_heap_memory_until_the_end(tmp_path):
+    """While image_batches runs on the CPU, a 64 MiB tensor (a ResNet activation's size) comes from the heap and
+    the next ones mostly reuse its memory (no mmap, no page zeroing by the kernel); before, each is a fresh mmap;
+    at the end the memory kept goes back to the system. Run in a fresh interpreter, whose malloc is untuned."""
+    for i in range(6):
+        photo((64, 48), seed=i).save(tmp_path / f"{i}.jpg")
+    script = textwrap.dedent("""
+        import ctypes, json, os, sys, torch
+        from pathlib import Path
+        from data_loader import image_batches
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+
+        def grows():  # how much mmapped and heap memory a 64 MiB tensor adds while it lives
+            before = libc.mallinfo2()
+            x = torch.ones(16 << 20)
+            after = libc.mallinfo2()
+            del x
+            return {"mapped": after.hblkhd - before.hblkhd, "heap": after.arena - before.arena}
+
+        def resident():
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        seen = {"before": grows(), "during": []}
+        for _ in image_batches(sorted(Path(sys.argv[1]).glob("*.jpg")), 32, "cpu", batch_size=1):
+            seen["during"].append(grows())
+            seen["resident_during"] = resident()
+        seen["resident_after"] = resident()
+        print(json.dumps(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["before"]["mapped"] >= 64 << 20
+    first, *later = seen["during"]
+    assert first["mapped"] == 0 and first["heap"] >= 64 << 20
+    assert all(step["mapped"] == 0 for step in later)
+    assert sum(step["heap"] == 0 for step in later) >= len(later) // 2  # mostly the freed block, reused
+    assert seen["resident_during"] - seen["resident_after"] >= 48 << 20  # kept while batches ran, then returned
