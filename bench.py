@@ -77,7 +77,7 @@ class BenchConfig:
 
 
 PRESETS = {
-    # 128 px on the CPU: the largest crop whose per-caption baseline still runs in about 2.5 minutes on 2 cores. The
+    # 128 px on the CPU: the largest crop whose per-caption baseline still runs in about 3 minutes on 2 cores. The
     # cache's advantage is the ResNet passes it saves, so a smaller crop understates it against COCO's 224 px (the
     # decoder's cost, the same on both paths, weighs more); BENCHMARKS.md has 64, 96 and 224 px runs too.
     "cpu": BenchConfig(
