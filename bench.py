@@ -1,7 +1,7 @@
 """Speed benchmark (issue #6): the feature cache against the template's per-caption path, batched decoding
 against one image at a time, all measured in one run on generated data of COCO's shape.
 
-    python bench.py [--device cpu|cuda] [--images N] [--image-size S] [--quick] [--json PATH]
+    python bench.py [--device cpu|cuda] [--images N] [--image-size S] [--quick] [--json PATH] [--profile DIR]
 
 It writes 640x480 JPEGs with 5 captions each (caption lengths drawn like COCO's: mean about 11.3 tokens, 5th-95th
 percentile 8-16, a tail past 40) as a COCO-format dataset in a temporary folder, then measures with train.py's own
@@ -11,7 +11,9 @@ through the ResNet-50 at every step, DataLoader workers, same model, same batch 
 (sample() one image at a time, batched greedy, beam 3 batched and one at a time) and peak memory. Training is
 timed in wall time and in CPU time, which barely moves when other programs share the cores. It prints one table
 with PASS/FAIL per target; `--json` writes every figure. Ratios against the baseline measured in the same run
-are the headline; absolute numbers mean something only from a GPU. Results: BENCHMARKS.md.
+are the headline; absolute numbers mean something only from a GPU. `--profile DIR` adds, after the timed runs,
+torch.profiler records of extraction, training steps and beam search (train.write_profile: trace, op table, host
+time and GPU busy time per step). Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,7 +41,16 @@ import vocabulary
 from caption import positive_int
 from fileio import atomic_write
 from model import FEATURE_SIZE, EncoderCNN, load_pretrained
-from train import TrainConfig, TrainingError, extract_features, start_runtime, train
+from train import (
+    TrainConfig,
+    TrainingError,
+    extract_features,
+    profile_line,
+    profiler,
+    start_runtime,
+    train,
+    write_profile,
+)
 
 COCO_TRAIN2014_CAPTIONS = 414_113
 JPEG_SIZE = (640, 480)  # COCO's typical image; one in five is portrait (480x640)
@@ -234,9 +245,10 @@ def cuda_peak_mib(device: torch.device) -> float | None:
     return round(peak, 1)
 
 
-def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> dict:
+def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime, profile_dir: Path | None = None) -> dict:
     """Images/s of JPEG decode + resize + ResNet-50: train.extract_features (CPU decoding in DataLoader workers)
-    and, on CUDA, batched GPU decoding."""
+    and, on CUDA, batched GPU decoding. With `profile_dir`, then a torch.profiler record of 4 batches (GPU decoding
+    on CUDA) in profile_dir/extract."""
     device = runtime.device
     torch.manual_seed(0)
     encoder = EncoderCNN(cfg.embed_size, pretrained=False).eval().to(device)
@@ -279,6 +291,14 @@ def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime) -> 
             "gpu_cpu_feature_cosine": round(float(cosine.mean()), 4),  # nvJPEG + torch resize vs libjpeg + PIL
         }
     result["cuda_peak_mib"] = cuda_peak_mib(device)
+    if profile_dir is not None:
+        first = paths[: 4 * cfg.extract_batch_size]
+        with profiler(device) as prof:
+            extract_features(encoder, first, np.zeros((len(first), 1, FEATURE_SIZE), dtype=np.float16),
+                             np.zeros(len(first), dtype=bool), desc="profiling features",
+                             decode_on_device=device.type == "cuda", **options)
+            synchronize(device)
+        result["profile"] = write_profile(prof, profile_dir / "extract")
     return result
 
 
@@ -329,21 +349,28 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
     }
 
 
-def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.device) -> dict:
-    """3 epochs from the feature cache (built in the run, then again with it on disk) and per caption."""
+def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.device,
+                     profile_dir: Path | None = None) -> dict:
+    """3 epochs from the feature cache (built in the run, then again with it on disk) and per caption. With
+    `profile_dir`, then one more epoch from the cache whose steps 11-30 train.py profiles into profile_dir/train."""
     cold = timed_training(train_config(cfg, root, work, "cache", cache=True), device)
     # Forget the tokens held in memory, so the second run reads the disk caches as a new process would.
     vocabulary.forget_tokens_in_memory()
     warm = timed_training(train_config(cfg, root, work, "cache-warm", cache=True), device)
     per_caption = timed_training(train_config(cfg, root, work, "per-caption", cache=False), device)
     difference = abs(cold["val_loss"] - per_caption["val_loss"]) / per_caption["val_loss"]
-    return {
+    result = {
         "cache": cold,
         "cache_warm": warm,
         "per_caption": per_caption,
         "val_loss_relative_difference": round(difference, 4),
         "coco_epoch_seconds": round(COCO_TRAIN2014_CAPTIONS / cold["captions_per_s"], 2),
     }
+    if profile_dir is not None:
+        profiled = replace(train_config(cfg, root, work, "profile", cache=True), epochs=1,
+                           profile=str(profile_dir / "train"))
+        result["profile"] = train(profiled)["profile"]
+    return result
 
 
 def rate(images: int, seconds: float) -> float:
@@ -351,9 +378,10 @@ def rate(images: int, seconds: float) -> float:
 
 
 @torch.no_grad()
-def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device) -> dict:
+def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, profile_dir: Path | None = None) -> dict:
     """Images/s of sample() one image at a time, batched greedy, beam 3 batched and one at a time, from the
-    cached features of the model trained above."""
+    cached features of the model trained above. With `profile_dir`, then a torch.profiler record of one batched
+    beam-3 call in profile_dir/beam."""
     files = trained["files"]
     encoder, decoder, _ = load_pretrained(files["encoder"], files["decoder"], files["vocab"], device)
     cached = np.load(Path(trained["cache"]) / "features.npy", mmap_mode="r")
@@ -379,6 +407,12 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device) -> d
     greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN))
     beam_single_seconds, beams_single = one_at_a_time(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0])
     beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN))
+    profile = None
+    if profile_dir is not None:
+        with profiler(device) as prof:
+            decoder.beam_search(features[: cfg.decode_batch], 3, MAX_DECODE_LEN)
+            synchronize(device)
+        profile = write_profile(prof, profile_dir / "beam")
     return {
         "images_batched": count,
         "images_one_at_a_time": len(single),
@@ -392,6 +426,7 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device) -> d
         "beam3_agreement": round(float(np.mean([a == b for a, b in zip(beams_single, beams, strict=False)])), 3),
         "mean_caption_ids": round(float(np.mean([len(ids) for ids in greedy])), 2),
         "cuda_peak_mib": cuda_peak_mib(device),
+        "profile": profile,
     }
 
 
@@ -423,8 +458,9 @@ def check_targets(results: dict, targets: list[tuple]) -> list[dict]:
     return checked
 
 
-def run_benchmark(cfg: BenchConfig, work: Path) -> dict:
-    """Every measurement of one run, in a dict ready for JSON."""
+def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None) -> dict:
+    """Every measurement of one run, in a dict ready for JSON; with `profile_dir`, also torch.profiler records of
+    extraction, training and beam search, made after the timed runs of each (so they do not slow them)."""
     runtime = start_runtime(cfg.device)
     device = runtime.device
     machine = {
@@ -442,9 +478,9 @@ def run_benchmark(cfg: BenchConfig, work: Path) -> dict:
     data = make_bench_data(root, cfg.images, max(cfg.images // 5, 8), cfg.word_list)
     data["generate_seconds"] = round(time.perf_counter() - started, 1)
     vocabulary.CACHE_DIR = work / "tokens"  # token caches of the throwaway data stay in the temp folder
-    extraction = measure_feature_extraction(cfg, image_paths(root, "train"), runtime)
-    training = measure_training(cfg, root, work, device)
-    decoding = measure_decoding(cfg, training["cache"], device)
+    extraction = measure_feature_extraction(cfg, image_paths(root, "train"), runtime, profile_dir)
+    training = measure_training(cfg, root, work, device, profile_dir)
+    decoding = measure_decoding(cfg, training["cache"], device, profile_dir)
     cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
     speedups = {
         "train_3_epochs": round(per_caption["wall_seconds"] / cold["wall_seconds"], 2),
@@ -472,6 +508,11 @@ def run_benchmark(cfg: BenchConfig, work: Path) -> dict:
         "memory": peak_rss_mib() | {"cuda_max_allocated_mib": max(phase_peaks) if device.type == "cuda" else None},
         "speedups": speedups,
     }
+    if profile_dir is not None:
+        results["profile"] = {"folder": str(profile_dir), "extract": extraction.pop("profile"),
+                              "train": training.pop("profile"), "beam": decoding.pop("profile")}
+    else:
+        del decoding["profile"]
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = check_targets(results, CPU_TARGETS + (GPU_TARGETS if device.type == "cuda" else []))
     return results
@@ -526,6 +567,9 @@ def format_table(results: dict) -> str:
         ("peak RSS (main / worker)", f"{memory['rss_peak_mib']:.0f} MiB / {memory['children_rss_peak_mib']:.0f} MiB"),
         ("CUDA max allocated", f"{number(memory['cuda_max_allocated_mib'], 0)} MiB"),
     ]
+    for phase, summary in (results.get("profile") or {}).items():
+        if phase != "folder":
+            rows.append((f"profile, {phase}", profile_line(summary, Path(results["profile"]["folder"]) / phase)))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines.append("")
@@ -552,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=positive_int, help="square crop fed to the ResNet (default: preset)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute on 2 CPU cores)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also record torch.profiler traces of extraction, training and beam search into DIR "
+                             "(after the timed runs; see BENCHMARKS.md)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -564,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         try:
-            results = run_benchmark(cfg, Path(tmp))
+            results = run_benchmark(cfg, Path(tmp), args.profile)
         except TrainingError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
+from torch.autograd import DeviceType
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import ProfilerActivity
 from tqdm.auto import tqdm
 
 from data_loader import (
@@ -69,6 +71,7 @@ CHECKPOINT_FORMAT = 1
 STATS_IMAGES = 512  # images whose features give the standardisation statistics when there is no cache
 EXTRACT_FLUSH_BATCHES = 16  # batches of features kept on the GPU between copies to the cache (no wait per batch)
 PLOT_EVERY_SECONDS = 60  # redraw loss.png after an epoch when this long has passed since the last drawing
+PROFILE_SKIP, PROFILE_STEPS = 10, 20  # --profile records steps 11-30 (after cuDNN's and the allocator's warm-up)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class TrainConfig:
     extract_batch_size: int = 64  # images per ResNet forward while building the cache
     gpu_decode: bool = True  # on CUDA, decode the JPEGs on the GPU (nvJPEG) while building the cache
     device: str = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N, mps
+    profile: str | None = None  # record training steps 11-30 with torch.profiler into this folder (trace.json, ops.txt)
     nan_at_step: int = 0  # testing aid: turn the loss of this (1-based, global) step into NaN (0: never)
 
 
@@ -653,6 +657,85 @@ def check_resumable(checkpoint: dict, cfg: TrainConfig, vocab: Vocabulary, backb
                             f"{checkpoint['world_size']} (each takes its own share of the batches)")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Profiling: where the time of a step goes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def profiler(device: torch.device, **options) -> torch.profiler.profile:
+    """A torch.profiler that records the host's ops and, on CUDA, the GPU's kernels and copies."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return torch.profiler.profile(activities=activities, **options)
+
+
+def step_profiler(folder: Path, device: torch.device, steps_left: int, summary: dict) -> torch.profiler.profile:
+    """A profiler for the training loop (call .step() after each step): it skips PROFILE_SKIP steps (fewer in a
+    short run), records the next PROFILE_STEPS, writes them to `folder` and puts write_profile's summary in
+    `summary`."""
+    skip = max(1, min(PROFILE_SKIP, steps_left // 2))
+    active = max(1, min(PROFILE_STEPS, steps_left - skip))
+    schedule = torch.profiler.schedule(wait=skip - 1, warmup=1, active=active, repeat=1)
+    return profiler(device, schedule=schedule, on_trace_ready=lambda prof: summary.update(write_profile(prof, folder)))
+
+
+def write_profile(prof: torch.profiler.profile, folder: Path) -> dict:
+    """Save what `prof` recorded in `folder`: trace.json (the timeline, for https://ui.perfetto.dev or
+    chrome://tracing), ops.txt (ops by self time: GPU time on CUDA, host time elsewhere) and summary.json.
+
+    The summary gives per step (a `prof.step()` interval, or the whole recording without one) the host's wall time,
+    the time the GPU was busy (at least one kernel or copy running) and their ratio, which says whether the host
+    keeps the GPU fed, and the ten ops that took the most time.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    partial_trace = folder / f".trace.json.{os.getpid()}.tmp"
+    prof.export_chrome_trace(str(partial_trace))
+    os.replace(partial_trace, folder / "trace.json")
+    events = prof.events()
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # "ProfilerStep#N", listed as "ProfilerStep*"
+    host_events = [e for e in events if e.device_type == DeviceType.CPU]
+    host_us = (sum(e.time_range.elapsed_us() for e in steps) if steps else
+               max(e.time_range.end for e in host_events) - min(e.time_range.start for e in host_events))
+    count = max(len(steps), 1)
+    gpu_us = busy_time([(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA])
+    on_gpu = gpu_us > 0
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    averages = [a for a in prof.key_averages() if not a.key.startswith("ProfilerStep")]
+    top = sorted(averages, key=lambda a: getattr(a, key), reverse=True)[:10]
+    summary = {
+        "steps": count,
+        "host_ms_per_step": round(host_us / count / 1000, 3),
+        "gpu_busy_ms_per_step": round(gpu_us / count / 1000, 3) if on_gpu else None,
+        "gpu_busy_fraction": round(gpu_us / host_us, 3) if on_gpu and host_us else None,
+        "top_ops_by": "self GPU time" if on_gpu else "self host time",
+        "top_ops": [{"name": a.key, "ms_per_step": round(getattr(a, key) / count / 1000, 3),
+                     "calls_per_step": round(a.count / count, 2)} for a in top],
+    }
+    with atomic_write(folder / "ops.txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    with atomic_write(folder / "summary.json", "w") as f:
+        f.write(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: GPU time with at least one kernel or copy running."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_line(summary: dict, folder: Path) -> str:
+    """One line that says what a profile found and where its files are."""
+    gpu = (f", GPU busy {summary['gpu_busy_ms_per_step']:.2f} ms ({summary['gpu_busy_fraction']:.0%})"
+           if summary["gpu_busy_ms_per_step"] is not None else "")
+    top = ", ".join(f"{op['name']} {op['ms_per_step']:.2f}" for op in summary["top_ops"][:3])
+    return (f"{summary['steps']} step(s), {summary['host_ms_per_step']:.2f} ms per step on the host{gpu}; "
+            f"top ({summary['top_ops_by']}, ms per step): {top}; {folder}/trace.json, ops.txt")
+
+
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Figure:
     """Train/validation loss and validation perplexity per epoch from a metrics.jsonl; saved as PNG if asked.
 
@@ -776,7 +859,8 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     groups = [{"params": [p for p in trainable if all(p is not q for q in cnn_params)], "lr": cfg.lr}]
     if cnn_params:
         groups.append({"params": cnn_params, "lr": cfg.cnn_lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=runtime.cuda, foreach=not runtime.cuda)
+    # fused: one kernel (GPU) or one pass (CPU) over all parameters; on the CPU 3x faster than foreach
+    optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = len(train_sampler)
     total_steps = cfg.epochs * steps_per_epoch
     schedule = partial(lr_factor, total_steps=total_steps, warmup_steps=int(cfg.warmup_fraction * total_steps),
@@ -851,103 +935,113 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         val_table = caption_table(val_split, vocab, val_readable).to(runtime.device)
     val_features = FeatureTable(val_cache, runtime.device) if uses_cache or cfg.blind else None
 
+    profiling = cfg.profile is not None and runtime.is_main
+    profile_summary: dict = {}
+    steps_left = total_steps - ((epoch - 1) * steps_per_epoch + start_step)
+    step_profile = (step_profiler(Path(cfg.profile), runtime.device, steps_left, profile_summary) if profiling
+                    else contextlib.nullcontext())
     model.train()
     run_started = last_plot = time.perf_counter()
-    while epoch <= cfg.epochs:
-        epoch_started = time.perf_counter()
-        # this process's counts start from the checkpoint's (rank 0 carries the sums of all processes)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        tokens = captions_seen = 0
-        if runtime.is_main:
-            loss_sum += progress["loss_sum"]
-            tokens, captions_seen = progress["tokens"], progress["captions"]
-        seconds_before = progress["seconds"]
-        train_sampler.set_epoch(epoch)
-        if train_loader is None:
-            batches = list(train_sampler)
-            flat, offsets = epoch_index(batches, runtime.device)
-            view_rng = torch.Generator().manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, 0, VIEW_STREAM))
-            views = torch.randint(train_features.views, (len(flat),), generator=view_rng).to(runtime.device)
-            steps = (
-                (train_table.tokens[flat[offsets[s] : offsets[s + 1]], : train_table.lengths[batches[s][0]]],
-                 train_features.gather(train_table.rows[flat[offsets[s] : offsets[s + 1]]],
-                                       views[offsets[s] : offsets[s + 1]]), None, 1.0)
-                for s in range(start_step, len(batches))
-            )
-        else:
-            train_sampler.set_epoch(epoch, start_step)
-            reseed(derived_seed(cfg.seed, runtime.rank, epoch, start_step, LOADER_STREAM), runtime)
-            steps = (_image_batch(batch, runtime, cfg.image_size, vocab) for batch in train_loader)
-        with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                  disable=not runtime.is_main, dynamic_ncols=True) as bar:
-            window_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-            window_tokens = 0
-            for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
-                global_step = (epoch - 1) * steps_per_epoch + step
-                reseed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM), runtime)
-                with autocast(runtime):
-                    outputs = ddp(captions, features=features, images=images)
-                loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
-                if global_step + 1 == cfg.nan_at_step:
-                    loss = loss * float("nan")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                bad_now = torch.where(torch.isfinite(loss), no_bad_step, global_step)
-                torch.minimum(first_bad, bad_now, out=first_bad)
-                n_tokens = captions.numel() * int(weight)
-                loss_sum += loss.detach() * n_tokens
-                window_loss += loss.detach() * n_tokens
-                tokens += n_tokens
-                window_tokens += n_tokens
-                captions_seen += len(captions) * int(weight)
-                bar.update(1)
-                done = step + 1
-                if done % cfg.log_every == 0:
-                    stop_if_diverged()
-                    bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
-                                    lr=f"{scheduler.get_last_lr()[0]:.2g}")
-                    window_loss.zero_()
-                    window_tokens = 0
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
-                    loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
-                    seconds = seconds_before + time.perf_counter() - epoch_started
-                    save_checkpoint(epoch, done, {"loss_sum": loss_total, "tokens": int(tokens_total),
-                                                  "captions": int(captions_total), "seconds": seconds})
-        stop_if_diverged()
-        loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
-        epoch_seconds = seconds_before + time.perf_counter() - epoch_started
-        val_loss = validate(model, val_table, val_features, val_split, vocab, cfg, runtime)
-        record = {
-            "epoch": epoch,
-            "step": epoch * steps_per_epoch,
-            "train_loss": loss_total / tokens_total,
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
-            "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": round(epoch_seconds, 2),
-            "elapsed_seconds": round(sum(m["epoch_seconds"] for m in metrics) + epoch_seconds, 2),
-            "captions_per_second": round(captions_total / epoch_seconds, 1),
-        }
-        metrics.append(record)
-        if runtime.is_main:
-            atomic_torch_save(model.encoder_state(), out / f"encoder-{epoch}.pkl")
-            save_weights(decoder, out / f"decoder-{epoch}.pkl")
-            with atomic_write(out / "metrics.jsonl", "w") as f:
-                f.write("".join(json.dumps(m) + "\n" for m in metrics))
-            if epoch == cfg.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS:
-                plot_metrics(out / "metrics.jsonl", out / "loss.png")  # ~0.4 s: not after every short epoch
-                last_plot = time.perf_counter()
-            print(f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                  f"perplexity {record['val_perplexity']:.2f}, {record['captions_per_second']:.0f} captions/s, "
-                  f"{epoch_seconds:.1f} s", flush=True)
-        save_checkpoint(epoch + 1, 0, {"loss_sum": 0.0, "tokens": 0, "captions": 0, "seconds": 0.0})
-        epoch, start_step = epoch + 1, 0
-        progress = {"loss_sum": 0.0, "tokens": 0, "captions": 0, "seconds": 0.0}
+    with step_profile:
+        while epoch <= cfg.epochs:
+            epoch_started = time.perf_counter()
+            # this process's counts start from the checkpoint's (rank 0 carries the sums of all processes)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            tokens = captions_seen = 0
+            if runtime.is_main:
+                loss_sum += progress["loss_sum"]
+                tokens, captions_seen = progress["tokens"], progress["captions"]
+            seconds_before = progress["seconds"]
+            train_sampler.set_epoch(epoch)
+            if train_loader is None:
+                batches = list(train_sampler)
+                flat, offsets = epoch_index(batches, runtime.device)
+                view_rng = torch.Generator().manual_seed(derived_seed(cfg.seed, runtime.rank, epoch, 0, VIEW_STREAM))
+                views = torch.randint(train_features.views, (len(flat),), generator=view_rng).to(runtime.device)
+                steps = (
+                    (train_table.tokens[flat[offsets[s] : offsets[s + 1]], : train_table.lengths[batches[s][0]]],
+                     train_features.gather(train_table.rows[flat[offsets[s] : offsets[s + 1]]],
+                                           views[offsets[s] : offsets[s + 1]]), None, 1.0)
+                    for s in range(start_step, len(batches))
+                )
+            else:
+                train_sampler.set_epoch(epoch, start_step)
+                reseed(derived_seed(cfg.seed, runtime.rank, epoch, start_step, LOADER_STREAM), runtime)
+                steps = (_image_batch(batch, runtime, cfg.image_size, vocab) for batch in train_loader)
+            with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                      disable=not runtime.is_main, dynamic_ncols=True) as bar:
+                window_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+                window_tokens = 0
+                for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
+                    global_step = (epoch - 1) * steps_per_epoch + step
+                    reseed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM), runtime)
+                    with autocast(runtime):
+                        outputs = ddp(captions, features=features, images=images)
+                    loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
+                    if global_step + 1 == cfg.nan_at_step:
+                        loss = loss * float("nan")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    bad_now = torch.where(torch.isfinite(loss), no_bad_step, global_step)
+                    torch.minimum(first_bad, bad_now, out=first_bad)
+                    n_tokens = captions.numel() * int(weight)
+                    loss_sum += loss.detach() * n_tokens
+                    window_loss += loss.detach() * n_tokens
+                    tokens += n_tokens
+                    window_tokens += n_tokens
+                    captions_seen += len(captions) * int(weight)
+                    bar.update(1)
+                    if profiling:
+                        step_profile.step()
+                    done = step + 1
+                    if done % cfg.log_every == 0:
+                        stop_if_diverged()
+                        bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
+                                        lr=f"{scheduler.get_last_lr()[0]:.2g}")
+                        window_loss.zero_()
+                        window_tokens = 0
+                    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
+                        loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
+                        seconds = seconds_before + time.perf_counter() - epoch_started
+                        save_checkpoint(epoch, done, {"loss_sum": loss_total, "tokens": int(tokens_total),
+                                                      "captions": int(captions_total), "seconds": seconds})
+            stop_if_diverged()
+            loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
+            epoch_seconds = seconds_before + time.perf_counter() - epoch_started
+            val_loss = validate(model, val_table, val_features, val_split, vocab, cfg, runtime)
+            record = {
+                "epoch": epoch,
+                "step": epoch * steps_per_epoch,
+                "train_loss": loss_total / tokens_total,
+                "val_loss": val_loss,
+                "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": round(epoch_seconds, 2),
+                "elapsed_seconds": round(sum(m["epoch_seconds"] for m in metrics) + epoch_seconds, 2),
+                "captions_per_second": round(captions_total / epoch_seconds, 1),
+            }
+            metrics.append(record)
+            if runtime.is_main:
+                atomic_torch_save(model.encoder_state(), out / f"encoder-{epoch}.pkl")
+                save_weights(decoder, out / f"decoder-{epoch}.pkl")
+                with atomic_write(out / "metrics.jsonl", "w") as f:
+                    f.write("".join(json.dumps(m) + "\n" for m in metrics))
+                if epoch == cfg.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_SECONDS:
+                    plot_metrics(out / "metrics.jsonl", out / "loss.png")  # ~0.4 s: not after every short epoch
+                    last_plot = time.perf_counter()
+                print(f"epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                      f"perplexity {record['val_perplexity']:.2f}, {record['captions_per_second']:.0f} captions/s, "
+                      f"{epoch_seconds:.1f} s", flush=True)
+            save_checkpoint(epoch + 1, 0, {"loss_sum": 0.0, "tokens": 0, "captions": 0, "seconds": 0.0})
+            epoch, start_step = epoch + 1, 0
+            progress = {"loss_sum": 0.0, "tokens": 0, "captions": 0, "seconds": 0.0}
 
+    if profile_summary:
+        print(f"profile: {profile_line(profile_summary, Path(cfg.profile))}", flush=True)
     digest = weights_digest(model)
     digests = [digest]
     if runtime.world_size > 1:
@@ -976,6 +1070,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         "metrics": metrics,
         "files": files,
         "weights_sha256": digest,
+        "profile": profile_summary or None,
         "skipped_images": train_cache.skipped if train_cache else 0,
         "left_out_captions": train_table.left_out,
         "cache": str(train_cache.path) if train_cache else None,

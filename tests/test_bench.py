@@ -1,4 +1,5 @@
-"""bench.py end to end: `--quick --json` runs as a subprocess and writes every figure (no speed targets asserted)."""
+"""bench.py end to end: `--quick --json --profile` runs as a subprocess and writes every figure and profile (no speed
+targets asserted)."""
 
 import json
 import os
@@ -41,7 +42,8 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     env = os.environ | {"OMP_NUM_THREADS": "1", "CAPTION_CACHE_DIR": str(out.parent / "cache")}
     run = subprocess.run(
-        [sys.executable, str(REPO / "bench.py"), "--quick", "--device", "cpu", "--json", str(out)],
+        [sys.executable, str(REPO / "bench.py"), "--quick", "--device", "cpu", "--json", str(out),
+         "--profile", str(out.parent / "profile")],
         cwd=out.parent, env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -83,6 +85,32 @@ def test_table_reports_every_cpu_target(quick_run):
                      "beam_batched"]
     verdicts = [line.split()[0] for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert verdicts == ["PASS" if t["passed"] else "FAIL" for t in results["targets"]]
+
+
+def test_profile_records_where_each_phase_spends_its_time(quick_run):
+    run, results = quick_run
+    folder = Path(results["profile"]["folder"])
+    expected_top_op = {"extract": "convolution", "train": "rnn_layer_backward", "beam": "rnn_layer"}
+    steps = {}
+    for phase, top_op in expected_top_op.items():
+        summary = results["profile"][phase]
+        assert json.loads((folder / phase / "summary.json").read_text()) == summary
+        trace = json.loads((folder / phase / "trace.json").read_text())
+        steps[phase] = {event["name"] for event in trace["traceEvents"]
+                        if event.get("name", "").startswith("ProfilerStep#")}
+        assert "Self CPU" in (folder / phase / "ops.txt").read_text()
+        # on the CPU the ResNet's convolutions and the LSTM lead, and there are no GPU figures
+        assert summary["host_ms_per_step"] > 0 and summary["gpu_busy_ms_per_step"] is None
+        assert summary["top_ops_by"] == "self host time"
+        assert top_op in " ".join(op["name"] for op in summary["top_ops"][:3]), (phase, summary["top_ops"])
+        assert f"profile, {phase}" in run.stdout
+    # training: 14 steps in the profiled epoch, so half are skipped as warm-up (train.py: 10 of them, at most) and
+    # the next 7 are recorded, each its own step
+    assert results["profile"]["train"]["steps"] == 7
+    assert steps["train"] == {f"ProfilerStep#{n}" for n in range(7, 14)}
+    assert results["profile"]["extract"]["steps"] == results["profile"]["beam"]["steps"] == 1
+    # the DataLoader's hand-over shows up in the extraction profile: where data-loading stalls would appear
+    assert "DataLoader" in (folder / "extract" / "ops.txt").read_text()
 
 
 def test_bad_arguments_exit_2(tmp_path):

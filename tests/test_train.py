@@ -309,12 +309,22 @@ def test_presets_fill_only_what_is_not_set():
 
 def test_flags_come_from_the_config_fields():
     args = train.build_parser().parse_args(
-        ["--data", "coco", "--embed-size", "256", "--no-cache", "--lr", "0.01", "--no-pretrained", "--resume"]
+        ["--data", "coco", "--embed-size", "256", "--no-cache", "--lr", "0.01", "--no-pretrained", "--resume",
+         "--profile", "prof"]
     )
     cfg = TrainConfig(**vars(args))
-    assert (cfg.data, cfg.embed_size, cfg.cache, cfg.lr, cfg.pretrained, cfg.resume) == (
-        "coco", 256, False, 0.01, False, True)
+    assert (cfg.data, cfg.embed_size, cfg.cache, cfg.lr, cfg.pretrained, cfg.resume, cfg.profile) == (
+        "coco", 256, False, 0.01, False, True, "prof")
     assert cfg.hidden_size is None  # left to the preset
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    # what write_profile sums for "GPU busy": the union of the kernels' and copies' intervals (several streams
+    # overlap during JPEG decoding), never more than the span they cover
+    assert train.busy_time([]) == 0
+    assert train.busy_time([(0, 10), (20, 25)]) == 15
+    assert train.busy_time([(0, 10), (5, 12), (2, 4), (30, 31), (11, 15)]) == 16
+    assert train.busy_time([(5, 6), (0, 10)]) == 10
 
 
 @pytest.mark.parametrize(
