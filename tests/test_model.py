@@ -103,6 +103,35 @@ def test_state_dicts_round_trip_into_fresh_modules(encoder, images):
     assert torch.equal(other(features, captions), decoder(features, captions))
 
 
+def test_frozen_backbone_runs_with_its_batchnorms_folded_and_follows_weight_changes(encoder, images):
+    with torch.no_grad():
+        unfolded = encoder.resnet(images.contiguous(memory_format=torch.channels_last)).flatten(1)
+    folded_features = encoder.backbone(images)
+    assert torch.allclose(folded_features, unfolded, rtol=1e-4, atol=1e-5 * unfolded.abs().max())
+    folded = encoder._folded[1]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.resnet.modules()) == 53
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    encoder.backbone(images)
+    assert encoder._folded[1] is folded  # made once, reused while the weights stay
+    assert not any("_folded" in key for key in encoder.state_dict())
+
+    # new weights (load_state_dict, as load_pretrained does) give their own features, not the old fold's
+    reloaded = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
+    before = reloaded.backbone(images)
+    reloaded.load_state_dict(encoder.state_dict())
+    assert torch.equal(reloaded.backbone(images), folded_features)
+    reloaded.double()  # and a new dtype (or device)
+    in_double = reloaded.backbone(images.double()).float()
+    assert torch.allclose(in_double, folded_features, rtol=1e-4, atol=1e-5 * unfolded.abs().max())
+    assert not torch.allclose(before, folded_features)
+
+    # fine-tuning never folds: an optimizer may change resnet.7 without a trace
+    fine_tuned = EncoderCNN(EMBED, pretrained=False, train_cnn=True)
+    with torch.no_grad():
+        fine_tuned.backbone(images)
+    assert fine_tuned._folded == (None, None)
+
+
 def test_random_backbone_depends_only_on_its_seed(encoder):
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
