@@ -691,16 +691,20 @@ def write_profile(prof: torch.profiler.profile, folder: Path) -> dict:
     prof.export_chrome_trace(str(partial_trace))
     os.replace(partial_trace, folder / "trace.json")
     events = prof.events()
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # "ProfilerStep#N", listed as "ProfilerStep*"
     host_events = [e for e in events if e.device_type == DeviceType.CPU]
+    steps = [e for e in host_events if e.name.startswith("ProfilerStep")]  # "ProfilerStep#N", shown "ProfilerStep*"
+    # the GPU's kernels and copies; the GPU copies of annotations (ProfilerStep, record_function) are no work
+    gpu_work = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     host_us = (sum(e.time_range.elapsed_us() for e in steps) if steps else
                max(e.time_range.end for e in host_events) - min(e.time_range.start for e in host_events))
     count = max(len(steps), 1)
-    gpu_us = busy_time([(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA])
+    gpu_us = busy_time([(e.time_range.start, e.time_range.end) for e in gpu_work])
     on_gpu = gpu_us > 0
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    averages = [a for a in prof.key_averages() if not a.key.startswith("ProfilerStep")]
-    top = sorted(averages, key=lambda a: getattr(a, key), reverse=True)[:10]
+    averages = prof.key_averages()
+    ops = [a for a in averages if not a.key.startswith("ProfilerStep")
+           and not (a.is_user_annotation and a.device_type != DeviceType.CPU)]
+    top = sorted(ops, key=lambda a: getattr(a, key), reverse=True)[:10]
     summary = {
         "steps": count,
         "host_ms_per_step": round(host_us / count / 1000, 3),
@@ -711,7 +715,7 @@ def write_profile(prof: torch.profiler.profile, folder: Path) -> dict:
                      "calls_per_step": round(a.count / count, 2)} for a in top],
     }
     with atomic_write(folder / "ops.txt", "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        f.write(averages.table(sort_by=key, row_limit=40) + "\n")
     with atomic_write(folder / "summary.json", "w") as f:
         f.write(json.dumps(summary, indent=1) + "\n")
     return summary
