@@ -27,6 +27,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import date
@@ -245,6 +246,15 @@ def cuda_peak_mib(device: torch.device) -> float | None:
     return round(peak, 1)
 
 
+def profiled(device: torch.device, folder: Path, work: Callable[[], object]) -> dict:
+    """Run `work()` under train.profiler, waiting for the GPU before the record ends, and save the record in
+    `folder` (train.write_profile); returns its summary."""
+    with profiler(device) as prof:
+        work()
+        synchronize(device)
+    return write_profile(prof, folder)
+
+
 def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime, profile_dir: Path | None = None) -> dict:
     """Images/s of JPEG decode + resize + ResNet-50: train.extract_features (CPU decoding in DataLoader workers)
     and, on CUDA, batched GPU decoding. With `profile_dir`, then a torch.profiler record of 4 batches (GPU decoding
@@ -293,12 +303,9 @@ def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime, pro
     result["cuda_peak_mib"] = cuda_peak_mib(device)
     if profile_dir is not None:
         first = paths[: 4 * cfg.extract_batch_size]
-        with profiler(device) as prof:
-            extract_features(encoder, first, np.zeros((len(first), 1, FEATURE_SIZE), dtype=np.float16),
-                             np.zeros(len(first), dtype=bool), desc="profiling features",
-                             decode_on_device=device.type == "cuda", **options)
-            synchronize(device)
-        result["profile"] = write_profile(prof, profile_dir / "extract")
+        result["profile"] = profiled(device, profile_dir / "extract", lambda: extract_features(
+            encoder, first, np.zeros((len(first), 1, FEATURE_SIZE), dtype=np.float16), np.zeros(len(first), dtype=bool),
+            desc="profiling features", decode_on_device=device.type == "cuda", **options))
     return result
 
 
@@ -407,13 +414,7 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
     greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN))
     beam_single_seconds, beams_single = one_at_a_time(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0])
     beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN))
-    profile = None
-    if profile_dir is not None:
-        with profiler(device) as prof:
-            decoder.beam_search(features[: cfg.decode_batch], 3, MAX_DECODE_LEN)
-            synchronize(device)
-        profile = write_profile(prof, profile_dir / "beam")
-    return {
+    result = {
         "images_batched": count,
         "images_one_at_a_time": len(single),
         "max_len": MAX_DECODE_LEN,
@@ -426,8 +427,11 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
         "beam3_agreement": round(float(np.mean([a == b for a, b in zip(beams_single, beams, strict=False)])), 3),
         "mean_caption_ids": round(float(np.mean([len(ids) for ids in greedy])), 2),
         "cuda_peak_mib": cuda_peak_mib(device),
-        "profile": profile,
     }
+    if profile_dir is not None:
+        result["profile"] = profiled(device, profile_dir / "beam",
+                                     lambda: decoder.beam_search(features[: cfg.decode_batch], 3, MAX_DECODE_LEN))
+    return result
 
 
 def peak_rss_mib() -> dict:
@@ -511,8 +515,6 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     if profile_dir is not None:
         results["profile"] = {"folder": str(profile_dir), "extract": extraction.pop("profile"),
                               "train": training.pop("profile"), "beam": decoding.pop("profile")}
-    else:
-        del decoding["profile"]
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = check_targets(results, CPU_TARGETS + (GPU_TARGETS if device.type == "cuda" else []))
     return results
