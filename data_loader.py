@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
+import json
 import math
 import os
 import platform
@@ -105,6 +107,8 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         raise UnreadableImage(path, "file not found") from None
     except UnidentifiedImageError:
         raise UnreadableImage(path, "not an image file (cannot identify its format)") from None
+    except Image.DecompressionBombError as e:  # a header claiming more pixels than PIL will allocate
+        raise UnreadableImage(path, f"image too large to decode ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise UnreadableImage(path, f"cannot decode image ({e})") from None
 
@@ -125,17 +129,54 @@ class _SkipLog:
 
 
 def load_coco(annotations_file: str | os.PathLike) -> COCO:
-    """pycocotools' COCO index of a file, with an error naming the file when it is missing or not COCO-format."""
-    if not os.path.exists(annotations_file):
-        raise FileNotFoundError(f"{annotations_file}: annotation file not found")
+    """pycocotools' COCO index of a file, with a one-line error naming the file when it is missing, not COCO-format
+    or inconsistent (see `_check_coco`)."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            coco = COCO(str(annotations_file))
-    except Exception as e:
+        with open(annotations_file, "rb") as f:
+            dataset = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{annotations_file}: annotation file not found") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ValueError(f"{annotations_file}: not a COCO-format annotation file ({type(e).__name__}: {e})") from None
-    if not isinstance(coco.dataset.get("images"), list):
-        raise ValueError(f"{annotations_file}: not a COCO-format annotation file (no 'images' list)")
+    _check_coco(dataset, annotations_file)
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
     return coco
+
+
+def _check_coco(dataset, annotations_file: str | os.PathLike) -> None:
+    """ValueError naming the file unless every image has an int `id` and a str `file_name`, and every annotation (if
+    any: test image lists have none) an int `id` and an `image_id` listed in 'images', and in caption files a str
+    `caption`. The readers index by these, so a bad entry would otherwise fail far from the file, or not at all."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{annotations_file}: {what}")
+
+    if not isinstance(dataset, dict):
+        raise bad("not a COCO-format annotation file (not a JSON object)")
+    images = dataset.get("images")
+    if not isinstance(images, list):
+        raise bad("not a COCO-format annotation file (no 'images' list)")
+    image_ids = set()
+    for image in images:
+        if not isinstance(image, dict) or type(image.get("id")) is not int or not isinstance(image.get("file_name"), str):
+            raise bad(f"image {str(image)[:80]} needs an int 'id' and a str 'file_name'")
+        image_ids.add(image["id"])
+    if "annotations" not in dataset:
+        return
+    annotations = dataset["annotations"]
+    if not isinstance(annotations, list) or not all(isinstance(ann, dict) for ann in annotations):
+        raise bad("not a COCO-format annotation file ('annotations' is not a list of objects)")
+    captions = any("caption" in ann for ann in annotations)
+    for ann in annotations:
+        if type(ann.get("id")) is not int:
+            raise bad(f"annotation {str(ann)[:80]} needs an int 'id'")
+        image_id = ann.get("image_id")
+        if type(image_id) is not int or image_id not in image_ids:
+            raise bad(f"annotation {ann['id']} refers to image {image_id!r}, which is not in 'images'")
+        if captions and not isinstance(ann.get("caption"), str):
+            raise bad(f"annotation {ann['id']} has no caption text (a str 'caption')")
 
 
 class CoCoDataset(data.Dataset):
@@ -162,7 +203,7 @@ class CoCoDataset(data.Dataset):
         self.mode = mode
         self.batch_size = batch_size
         self.img_folder = Path(img_folder)
-        self.skipped = _SkipLog()
+        self.skipped = _SkipLog()  # unreadable images met by this process: each DataLoader worker has its own
         self.coco = load_coco(annotations_file)
         if mode == "test":
             self.paths = [img["file_name"] for img in self.coco.dataset["images"]]
@@ -228,7 +269,9 @@ class BucketBatchSampler(data.Sampler[list[int]]):
     Within a length bucket the order is shuffled and cut into batches (the last, smaller batch of a bucket is kept);
     then the batch order is shuffled. The shuffle depends only on (seed, epoch), so every rank of a distributed run
     computes the same batch list and takes every `num_replicas`-th batch; batches are split until their count divides
-    evenly, so all ranks run the same number of steps on disjoint data.
+    evenly, so all ranks run the same number of non-empty steps on disjoint data. Only when there are too few
+    items to split further (every batch holds one, and their number does not divide) are the first few batches
+    repeated to make up the count, as DistributedSampler pads: at most num_replicas - 1 items twice in an epoch.
 
     Template notebooks assign `loader.batch_sampler.sampler = SubsetRandomSampler(dataset.get_train_indices())`
     before each `next(iter(loader))`; while `sampler` is set, an iteration yields that sampler's indices as
@@ -281,6 +324,9 @@ class BucketBatchSampler(data.Sampler[list[int]]):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         while len(batches) % self.num_replicas:
             largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            if len(batches[largest]) == 1:  # nothing left to split: repeat batches (see the class docstring)
+                batches += batches[: self.num_replicas - len(batches) % self.num_replicas]
+                break
             half = math.ceil(len(batches[largest]) / 2)
             batch = batches.pop(largest)
             batches[largest:largest] = [batch[:half], batch[half:]]
@@ -340,7 +386,7 @@ class EncodedImageDataset(data.Dataset):
             with Image.open(io.BytesIO(encoded)) as img:  # parses the header only
                 if img.format == "JPEG" and img.mode in ("RGB", "L"):
                     return encoded, None, index
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             pass  # PIL below says what is wrong with the file
         return None, self.pil_image(index), index
 
@@ -404,6 +450,8 @@ def image_batches(
     come out as zero images with ok=False.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # one key for the per-device caches below
     if decode_on_device is None:
         decode_on_device = device.type == "cuda"
     pil = ImageFileDataset(paths, build_transform(image_size), image_size, resize_side(image_size))
@@ -448,13 +496,27 @@ def _decode_batch(encoded: list, pixels: list, indices: list[int], dataset: Enco
             by_shape[tuple(image.shape)].append(i)
         else:  # decoded by PIL, already transformed
             images[i] = image
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    for indices in by_shape.values():  # one resize per image shape, not per image
-        group = torch.stack([decoded_of[i] for i in indices]).float()
+    mean, std = _imagenet_mean_std(device)
+    for rows in by_shape.values():  # one resize per image shape, not per image
+        group = torch.stack([decoded_of[i] for i in rows]).float()
         group = TF.center_crop(TF.resize(group, [resize_side(image_size)], antialias=True), [image_size] * 2)
-        images[torch.tensor(indices, device=device)] = (group - mean) / std
+        # made on the CPU and copied without waiting: a device tensor made from a list stalls until the GPU is idle
+        images[torch.tensor(rows).to(device, non_blocking=True)] = (group - mean) / std
     return images, ok
+
+
+@functools.cache
+def _imagenet_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std in 0-255 units, [1, 3, 1, 1] on `device`; copied there once, not at every batch."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return mean.to(device), std.to(device)
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The CUDA stream `_decode_jpeg` decodes on, one per device."""
+    return torch.cuda.Stream(device)
 
 
 def _decode_jpeg(encoded: torch.Tensor | list[torch.Tensor], device: torch.device):
@@ -467,7 +529,19 @@ def _decode_jpeg(encoded: torch.Tensor | list[torch.Tensor], device: torch.devic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        if device.type != "cuda":
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        # nvJPEG's hardware engine writes its outputs without waiting for work queued on the stream they were
+        # allocated on, so on the caller's stream it can overwrite memory that queued kernels still read
+        # (pytorch/vision#9606, meta-pytorch/torchcodec#1634). On a stream of its own the decode still overlaps
+        # that work; the caller's stream waits for it, and record_stream keeps the outputs until it has used them.
+        current, decode_stream = torch.cuda.current_stream(device), _decode_stream(device)
+        with torch.cuda.stream(decode_stream):
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        current.wait_stream(decode_stream)
+        for image in decoded if isinstance(decoded, list) else [decoded]:
+            image.record_stream(current)
+        return decoded
 
 
 def _decode_one(encoded: torch.Tensor, index: int, dataset: EncodedImageDataset,
@@ -477,7 +551,7 @@ def _decode_one(encoded: torch.Tensor, index: int, dataset: EncodedImageDataset,
         return _decode_jpeg(encoded, device)
     except RuntimeError:
         image = dataset.pil_image(index)
-        return None if image is None else image.to(device)
+        return None if image is None else image.to(device, non_blocking=True)
 
 
 def coco_image_files(annotations_file: str | os.PathLike, img_folder: str | os.PathLike) -> tuple[list[int], list[Path]]:

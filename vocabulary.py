@@ -6,6 +6,7 @@ set in `__init__`/`build_vocab`), so published `vocab.pkl` files load here and o
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import io
 import json
@@ -189,11 +190,23 @@ class Vocabulary:
             raise VocabularyError(f"{path}: {e}") from None
         except Exception as e:
             raise VocabularyError(f"{path}: not a readable vocabulary pickle ({type(e).__name__}: {e})") from None
-        if not isinstance(vocab, Vocabulary) or not isinstance(getattr(vocab, "word2idx", None), dict):
+        if type(vocab) is not _PickledVocabulary or not isinstance(getattr(vocab, "word2idx", None), dict):
             raise VocabularyError(f"{path}: the pickle does not hold a Vocabulary with word2idx/idx2word")
         if not isinstance(getattr(vocab, "idx2word", None), dict) or len(vocab.idx2word) != len(vocab.word2idx):
             raise VocabularyError(f"{path}: word2idx and idx2word disagree")
+        vocab.__class__ = Vocabulary
         return vocab
+
+
+class _PickledVocabulary(Vocabulary):
+    """What a vocab.pkl's `Vocabulary` resolves to: rebuilt from its attributes the way `pickle.dump(self, f)`
+    stored it (`__new__`, then its `__dict__`), never constructed: `__init__` reads and writes files it is told to."""
+
+    def __init__(self, *args, **kwargs):
+        raise pickle.UnpicklingError(
+            "refused to load: the pickle calls Vocabulary(...), which reads an annotation file and writes a "
+            "vocabulary file; a saved vocabulary only stores its attributes"
+        )
 
 
 # What a vocab.pkl may reference: the vocabulary class (under the module names it has been saved from) and
@@ -220,13 +233,16 @@ _ALLOWED_GLOBALS = {
 
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # Protocols 0-2 name Python 2's modules (copy_reg, __builtin__); map them as pickle itself does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refused to load: the pickle references {module}.{name}, which a vocabulary never needs "
                 "(only the Vocabulary class and plain containers are allowed)"
             )
         if name == "Vocabulary":
-            return Vocabulary
+            return _PickledVocabulary
         return super().find_class(module, name)
 
 
@@ -281,9 +297,11 @@ def read_caption_annotations(annotations_file: str | os.PathLike) -> list[dict]:
         raise ValueError(f"{annotations_file}: not a COCO caption file (invalid JSON: {e})") from None
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list) or not all(
-        isinstance(a, dict) and {"id", "image_id", "caption"} <= a.keys() for a in anns
+        isinstance(a, dict) and {"id", "image_id", "caption"} <= a.keys() and isinstance(a["caption"], str)
+        for a in anns
     ):
         raise ValueError(
-            f"{annotations_file}: not a COCO caption file (needs an 'annotations' list of {{id, image_id, caption}})"
+            f"{annotations_file}: not a COCO caption file (needs an 'annotations' list of {{id, image_id, caption}}"
+            " with str captions)"
         )
     return anns

@@ -1,10 +1,15 @@
 """Data loader: the bucket sampler's epoch properties, image handling, template API, bad inputs."""
 
+import io
 import json
+import math
 import platform
+import re
+import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +21,13 @@ from PIL import Image
 from data_loader import (
     BucketBatchSampler,
     ImageFileDataset,
+    UnreadableImage,
+    _decode_jpeg,
     build_transform,
     coco_image_files,
     get_loader,
     image_batches,
+    load_coco,
     load_image,
     resize_side,
 )
@@ -79,6 +87,26 @@ def test_tiny_dataset_splits_batches_for_ranks():
     shares = [list(BucketBatchSampler([4, 4, 4], 8, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(i for s in shares for b in s for i in b) == [0, 1, 2]
     assert [len(s) for s in shares] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4])
+def test_every_rank_gets_the_same_number_of_non_empty_batches_even_from_tiny_sets(replicas):
+    """train.py reads batch[0]: a rank must never get an empty batch. Batches are split while they can be; only a set
+    too small to split into a multiple of `replicas` batches repeats a few items (replicas - N % replicas)."""
+    assert [list(BucketBatchSampler([5, 6, 7], 1, num_replicas=2, rank=r)) for r in range(2)] == [[[2], [1]], [[0], [2]]]
+    rng = np.random.default_rng(replicas)
+    for trial in range(100):
+        lengths = rng.integers(5, 8, size=rng.integers(replicas, 12))
+        batch_size = int(rng.integers(1, 4))
+        shares = [epoch(BucketBatchSampler(lengths, batch_size, seed=trial, num_replicas=replicas, rank=r))
+                  for r in range(replicas)]
+        assert {len(s) for s in shares} == {len(BucketBatchSampler(lengths, batch_size, num_replicas=replicas))}
+        assert all(len(b) >= 1 and len({lengths[i] for i in b}) == 1 for s in shares for b in s)
+        uses = Counter(i for s in shares for b in s for i in b)
+        assert set(uses) == set(range(len(lengths)))
+        batches = sum(math.ceil(n / batch_size) for n in Counter(lengths.tolist()).values())
+        splittable = math.ceil(batches / replicas) * replicas <= len(lengths)
+        assert sum(uses.values()) - len(lengths) == (0 if splittable else replicas - len(lengths) % replicas)
 
 
 def test_get_loader_train_batches(tiny_coco, tmp_path):
@@ -173,6 +201,43 @@ def test_bad_annotation_file(tmp_path, content, message):
                    vocab_from_file=False, annotations_file=tmp_path / "nope.json", img_folder=tmp_path)
 
 
+IMAGE = {"id": 1, "file_name": "a.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"images": [{"id": 1}]}, "image {'id': 1} needs an int 'id' and a str 'file_name'"),
+        ({"images": [{"id": "1", "file_name": "a.jpg"}]}, "image {'id': '1', 'file_name': 'a.jpg'} needs an int 'id'"),
+        ({"images": [{"id": 1, "file_name": 5}]}, "needs an int 'id' and a str 'file_name'"),
+        ({"images": [IMAGE], "annotations": {"id": 1}}, "'annotations' is not a list of objects"),
+        ({"images": [IMAGE], "annotations": [{"id": "c1", "image_id": 1, "caption": "x"}]}, "annotation {'id': 'c1',"),
+        ({"images": [IMAGE], "annotations": [{"id": 1, "image_id": 1, "caption": "a box"},
+                                             {"id": 123, "image_id": 99, "caption": "a box"}]},
+         "annotation 123 refers to image 99, which is not in 'images'"),
+        ({"images": [IMAGE], "annotations": [{"id": 7, "caption": "x"}]}, "annotation 7 refers to image None"),
+        ({"images": [IMAGE], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}, {"id": 2, "image_id": 1}]},
+         "annotation 2 has no caption text"),
+        ({"images": [IMAGE], "annotations": [{"id": 3, "image_id": 1, "caption": None}]}, "annotation 3 has no caption"),
+    ],
+)
+def test_inconsistent_annotation_files_are_named_in_one_line(tmp_path, content, message):
+    bad = tmp_path / "captions_bad.json"
+    bad.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: .*{re.escape(message)}"):
+        load_coco(bad)
+
+
+def test_image_lists_and_other_annotation_kinds_still_load(tmp_path):
+    """A test split's image list has no annotations, an instances file no captions: both are fine."""
+    info = tmp_path / "image_info_test.json"
+    info.write_text(json.dumps({"images": [IMAGE, {"id": 2, "file_name": "b.jpg"}]}))
+    assert coco_image_files(info, tmp_path) == ([1, 2], [tmp_path / "a.jpg", tmp_path / "b.jpg"])
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": [IMAGE], "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 1, 1]}]}))
+    assert load_coco(instances).getAnnIds(imgIds=[1]) == [5]
+
+
 def test_transform_sizes():
     image = Image.new("RGB", (640, 480))
     assert build_transform()(image).shape == (3, 224, 224)
@@ -228,6 +293,89 @@ def test_image_batches_are_the_eval_transform_and_flag_unreadable_files(tiny_coc
     assert all(err.count(f"img_00000000000{n}.jpg") == 1 for n in (3, 4, 7)), err  # one line each
 
 
+def bomb_jpeg(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A small JPEG whose header claims width x height pixels: PIL refuses to open one of over 179 MP."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_decompression_bomb_headers_are_unreadable_images(tiny_coco, tmp_path, capsys):
+    """A JPEG claiming 30000 x 30000 px makes PIL raise DecompressionBombError (not an OSError): it is skipped and
+    counted like any corrupt file, in load_image, on both decoding paths of image_batches and in the dataset."""
+    bomb = bomb_jpeg(tmp_path / "bomb.jpg")
+    with pytest.raises(UnreadableImage, match="bomb.jpg: image too large to decode"):
+        load_image(bomb)
+    good = tiny_coco["images"] / "img_000000000001.jpg"
+    for decode_on_device in (False, True):
+        images, indices, ok = next(image_batches([good, bomb, good], 32, "cpu", decode_on_device=decode_on_device))
+        assert indices.tolist() == [0, 1, 2] and ok.tolist() == [True, False, True] and not images[1].any()
+    bomb_jpeg(tiny_coco["images"] / "img_000000000002.jpg")
+    loader = get_loader(
+        build_transform(32), "train", batch_size=5, vocab_threshold=1, vocab_file=str(tmp_path / "v.pkl"),
+        vocab_from_file=False, annotations_file=tiny_coco["annotations"], img_folder=tiny_coco["images"],
+    )
+    assert sum(len(batch[1]) for batch in loader if batch is not None) == 5 * (tiny_coco["n_images"] - 1)
+    assert len(loader.dataset.skipped) == 1
+    assert capsys.readouterr().err.count("too large to decode") == 3  # each path once, the dataset once
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
+
+
+@needs_cuda
+def test_gpu_decoding_matches_pil_and_never_waits_for_the_gpu(tiny_coco):
+    """On CUDA, image_batches decodes with nvJPEG and resizes on the GPU: the crops match PIL's, and once warm our
+    code queues its copies without a host sync (torch's sync debug mode reports any, with the line that made it)."""
+    folder = tiny_coco["images"]
+    photo((640, 480), seed=1).save(folder / "img_000000000005.jpg", quality=92)
+    photo((300, 500), seed=2).save(folder / "img_000000000006.jpg", format="PNG")  # decoded by PIL in the loader
+    _ids, paths = coco_image_files(tiny_coco["annotations"], folder)
+    list(image_batches(paths, 32, "cuda", batch_size=5))  # warm: mean and std go to the GPU once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            batches = [(images.cpu(), indices, ok) for images, indices, ok in image_batches(paths, 32, "cuda", 5)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"line {w.lineno}: {w.message}" for w in caught if Path(w.filename).name == "data_loader.py"]
+    assert not syncs
+    images, indices, ok = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    assert indices.tolist() == list(range(len(paths))) and ok.all()
+    for i, path in enumerate(paths):
+        assert (images[i] - build_transform(32)(load_image(path))).abs().mean() < 0.03, path.name
+
+
+@needs_cuda
+def test_gpu_decoding_never_overwrites_memory_that_queued_kernels_still_read():
+    """pytorch/vision#9606: nvJPEG's hardware engine writes its outputs without waiting for the work queued on the
+    stream they were allocated on. Tensors the size of the decoded images, freed while sums that read them wait
+    behind a long kernel, must keep their values however often the decoder runs meanwhile."""
+    buffer = io.BytesIO()
+    photo((640, 480)).save(buffer, "JPEG", quality=92)
+    jpeg = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    device = torch.device("cuda", torch.cuda.current_device())
+    size = 3 * 480 * 640
+    wrong = 0
+    for _ in range(20):
+        tensors = [torch.ones(size, dtype=torch.uint8, device=device) for _ in range(8)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # some milliseconds of GPU time ahead of the sums
+        sums = [t.sum(dtype=torch.int64) for t in tensors]
+        del tensors  # the allocator may hand their memory out again while the sums are still queued
+        decoded = _decode_jpeg([jpeg] * 4, device)
+        torch.cuda.synchronize()
+        wrong += sum(int(total) != size for total in sums)
+    assert wrong == 0
+    reference = _decode_jpeg(jpeg, torch.device("cpu")).float()
+    assert all((image.cpu().float() - reference).abs().mean() < 3 for image in decoded)
+
+
 def test_resize_side_is_the_seeds_256_for_224():
     assert resize_side(224) == 256 and resize_side(64) == 73
 
@@ -275,7 +423,7 @@ def test_cpu_batches_let_large_tensors_reuse_heap_memory_until_the_end(tmp_path)
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["before"]["mapped"] >= 64 << 20
     first, *later = seen["during"]
-    assert first["mapped"] == 0 and first["heap"] >= 64 << 20
+    assert first["mapped"] == 0 and first["heap"] >= 60 << 20  # a free chunk at the heap's top may make up the rest
     assert all(step["mapped"] == 0 for step in later)
     assert sum(step["heap"] == 0 for step in later) >= len(later) // 2  # mostly the freed block, reused
     assert seen["resident_during"] - seen["resident_after"] >= 48 << 20  # kept while batches ran, then returned

@@ -237,6 +237,10 @@ def test_bad_files_give_clear_errors(tmp_path):
     bad_json.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json.*not a COCO caption file"):
         Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(bad_json))
+    null_caption = tmp_path / "null.json"
+    null_caption.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": None}]}))
+    with pytest.raises(ValueError, match="null.json.*with str captions"):  # not tokenized as the word "none"
+        Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(null_caption))
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -254,3 +258,68 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         vocab.save(pkl)
     assert pkl.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "vocab.pkl"]  # no temp file left
+
+
+def test_pickles_of_every_protocol_load_ours_and_the_templates(tmp_path):
+    """pickle.dump(self, f) at protocols 0-5: 0 and 1 rebuild the object through copyreg._reconstructor and name
+    Python 2's modules (copy_reg, __builtin__), 2-5 through NEWOBJ; all come back as a working Vocabulary."""
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    ours = Vocabulary(2, str(tmp_path / "ours.pkl"), annotations_file=str(ann))
+    run_template(tmp_path, textwrap.dedent(f"""
+        import pickle
+        from vocabulary import Vocabulary
+        vocab = Vocabulary(2, {str(tmp_path / "template.pkl")!r}, annotations_file={str(ann)!r})
+        for protocol in range(6):
+            with open({str(tmp_path)!r} + f"/template-{{protocol}}.pkl", "wb") as f:
+                pickle.dump(vocab, f, protocol=protocol)
+    """))
+    for protocol in range(6):
+        with open(tmp_path / f"ours-{protocol}.pkl", "wb") as f:
+            pickle.dump(ours, f, protocol=protocol)
+        for maker in ("ours", "template"):
+            vocab = Vocabulary.load(tmp_path / f"{maker}-{protocol}.pkl")
+            assert type(vocab) is Vocabulary and set(vars(vocab)) == TEMPLATE_ATTRIBUTES, (maker, protocol)
+            assert vocab.idx2word == ours.idx2word and vocab.decode(vocab.encode("the dog runs")) == "the dog runs"
+
+
+def _calls_vocabulary(args: tuple, through_reconstructor: bool = False) -> bytes:
+    """A hand-made pickle whose only globals are ones a vocab.pkl may name, but which calls Vocabulary(*args), or
+    copyreg._reconstructor(Vocabulary, Vocabulary, args[0]) (which calls Vocabulary.__init__(obj, args[0]))."""
+    vocabulary = b"cvocabulary\nVocabulary\n"
+    if through_reconstructor:
+        body = b"ccopyreg\n_reconstructor\n" + vocabulary + vocabulary + pickle.dumps(args[0], 2)[2:-1] + b"\x87"
+    else:
+        body = vocabulary + pickle.dumps(args, protocol=2)[2:-1]  # the tuple without PROTO and STOP
+    return b"\x80\x02" + body + b"R."
+
+
+def test_pickles_that_construct_a_vocabulary_are_refused_and_write_nothing(tmp_path, monkeypatch):
+    """Vocabulary.__init__ reads the annotation file it is given and saves to the vocab_file it is given: a pickle
+    that calls it could overwrite any file the user can write. Loading refuses it before anything is read or written."""
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    evil = tmp_path / "vocab.pkl"
+    evil.write_bytes(_calls_vocabulary((1, str(victim), "<start>", "<end>", "<unk>", str(ann), False)))
+    with pytest.raises(VocabularyError, match=r"vocab\.pkl: refused to load: the pickle calls Vocabulary"):
+        Vocabulary.load(evil)
+    assert victim.read_text() == "the user's file\n"
+    with pytest.raises(VocabularyError, match="refused to load"):
+        Vocabulary(None, str(evil), vocab_from_file=True)  # the template's way of loading goes through load()
+    assert victim.read_text() == "the user's file\n"
+    pickle.loads(evil.read_bytes())  # the same bytes, unpickled naively, do overwrite the file
+    assert victim.read_bytes().startswith(b"\x80")  # now a vocabulary pickle
+
+    # Vocabulary.__init__(obj, 1): threshold 1, the defaults ./vocab.pkl and ../cocoapi/annotations/..., which is
+    # the template's own layout, so the user's ./vocab.pkl would be rebuilt from whatever that file holds.
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "cocoapi/annotations").mkdir(parents=True)
+    write_captions(tmp_path / "cocoapi/annotations/captions_train2014.json", CAPTIONS)
+    monkeypatch.chdir(work)
+    evil.write_bytes(_calls_vocabulary((1,), through_reconstructor=True))
+    with pytest.raises(VocabularyError, match="refused to load"):
+        Vocabulary.load(evil)
+    assert not (work / "vocab.pkl").exists()
+    pickle.loads(evil.read_bytes())  # unpickled naively, they do build and write ./vocab.pkl
+    assert (work / "vocab.pkl").exists()
