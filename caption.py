@@ -1,7 +1,7 @@
 """Caption image files or folders with saved weights.
 
     python caption.py IMAGE_OR_DIR [...] --encoder models/encoder-3.pkl --decoder models/decoder-3.pkl \\
-        --vocab vocab.pkl [--beam 3] [--batch-size 64] [--device auto] [--json results.json]
+        --vocab vocab.pkl [--beam 3] [--batch-size 64] [--max-len 20] [--device auto] [--json results.json]
 
 Prints `path<TAB>caption` per image. Folders are searched (recursively) for image files. A file that cannot be read
 as an image is reported on stderr and the others are still captioned; the exit code is then 2.
@@ -112,17 +112,59 @@ def coco_image_id(path: str | os.PathLike) -> int | str:
     return int(match.group(1)) if match else Path(path).name
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ValueError naming `path` unless a file can be written there: checked before the work, not after.
+
+    Folders that do not exist yet are fine (the writer makes them) when the nearest existing one is writable.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, expected a file name")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as e:  # e.g. a name too long
+        raise ValueError(f"{path}: cannot write there ({e.strerror})") from None
+    if not folder.is_dir():
+        raise ValueError(f"{path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {folder} (permission denied)")
+
+
 def write_results(results: list[dict], path: str | os.PathLike) -> None:
     """COCO results JSON `[{"image_id": ..., "caption": ...}]`, written atomically (temp file, then rename)."""
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, why: str = "") -> int:
+    """An argparse value: an integer >= minimum (so bad values fail at parse time, before any work)."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, not {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def caption_length(text: str) -> int:
+    """An argparse type for --max-len: an integer >= 2, as it counts the <start> id and 1 gives empty captions."""
+    return _int_at_least(text, 2, " (it counts <start>: 1 gives empty captions)")
+
+
+MAX_LEN_HELP = (
+    "longest caption in ids, counting the <start> and <end> the model emits: N gives at most N-1 words "
+    "(default %(default)s)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,17 +179,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--image-size", type=positive_int, help="crop size (default: from train_config.json, or 224)"
     )
-    parser.add_argument("--max-len", type=positive_int, default=20, help="most words per caption")
+    parser.add_argument("--max-len", type=caption_length, default=20, help=MAX_LEN_HELP)
     parser.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers"
+        "--num-workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="image decoding workers (0: in this process)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write COCO results JSON here")
     args = parser.parse_args(argv)
 
     try:
+        if args.json:
+            check_writable(args.json)
         device = resolve_device(args.device)
         encoder, decoder, vocab = load_pretrained(args.encoder, args.decoder, args.vocab, device)
-    except ValueError as e:  # WeightsFileError, VocabularyError or a bad device name: one line, no traceback
+    except ValueError as e:  # WeightsFileError, VocabularyError, a bad device or output path: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths, errors = find_images(args.inputs)
@@ -178,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p, c in zip(paths, captions, strict=True)
             if c is not None
         ]
-        write_results(results, args.json)
+        try:
+            write_results(results, args.json)
+        except OSError as e:
+            print(f"error: {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 2 if failed or errors or not paths else 0
 
 

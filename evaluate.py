@@ -28,9 +28,16 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 from tqdm.auto import tqdm
 
-from caption import caption_image_files
+from caption import (
+    MAX_LEN_HELP,
+    caption_image_files,
+    caption_length,
+    check_writable,
+    non_negative_int,
+    positive_int,
+    write_results,
+)
 from data_loader import coco_image_files, dataset_paths
-from fileio import atomic_write
 from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
 from vocabulary import Vocabulary, VocabularyError
 
@@ -88,12 +95,6 @@ def load_results(path: str | Path) -> list[dict]:
     return [{"image_id": item["image_id"], "caption": item["caption"]} for item in data]
 
 
-def save_results(results: list[dict], path: str | Path) -> None:
-    """Write captions as a COCO results JSON file, atomically (temp file in the same folder, then rename)."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump([{"image_id": r["image_id"], "caption": r["caption"]} for r in results], f)
-
-
 def references_from_coco(path: str | Path) -> dict[int, list[str]]:
     """Reference captions per image id from a COCO captions file, in the file's image and annotation order.
 
@@ -149,25 +150,6 @@ def load_karpathy_split(path: str | Path) -> dict[str, list[dict]]:
             )
         splits[split].append(record)
     return splits
-
-
-def karpathy_references(path: str | Path, split: str) -> dict[int, list[str]]:
-    """Raw reference sentences per COCO image id for one Karpathy split (e.g. the 5000 'test' images)."""
-    if split not in KARPATHY_SPLITS:
-        raise ValueError(f"unknown Karpathy split {split!r}, expected one of {KARPATHY_SPLITS}")
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise InputFileError(
-            f"{path}: expected Karpathy's dataset_coco.json (a JSON object with an 'images' list)"
-        )
-    references = {}
-    for index, image in enumerate(data["images"]):
-        try:
-            if image["split"] == split:
-                references[int(image["cocoid"])] = [sentence["raw"] for sentence in image["sentences"]]
-        except (KeyError, TypeError, ValueError):
-            raise InputFileError(f"{path}: image {index} lacks cocoid, split or sentences[].raw") from None
-    return references
 
 
 # ---- Tokenizing: Stanford PTBTokenizer through pycocoevalcap, or its pure-Python stand-in ----
@@ -519,17 +501,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--encoder", help="encoder-N.pkl")
     model.add_argument("--decoder", help="decoder-N.pkl")
     model.add_argument("--vocab", help="vocab.pkl the model was trained with")
-    model.add_argument("--models", metavar="DIR", help="use the latest encoder-N/decoder-N.pkl and vocab.pkl in DIR")
+    model.add_argument(
+        "--models",
+        metavar="DIR",
+        help="use the latest encoder-N/decoder-N.pkl and vocab.pkl in DIR (instead of --encoder/--decoder/--vocab)",
+    )
     model.add_argument("--baseline", metavar="DIR", help="also evaluate the latest model in DIR and compare")
     model.add_argument("--data", choices=["coco", "sample"], default=os.environ.get("CAPTION_DATA", "coco"))
     model.add_argument("--root", help="dataset root (default data/coco or data/sample)")
     model.add_argument("--split", choices=EVAL_SPLITS, default="val")
-    model.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy)")
-    model.add_argument("--batch-size", type=int, default=64)
-    model.add_argument("--max-len", type=int, default=20)
+    model.add_argument("--beam", type=positive_int, default=3, help="beam width (1 = greedy)")
+    model.add_argument("--batch-size", type=positive_int, default=64)
+    model.add_argument("--max-len", type=caption_length, default=20, help=MAX_LEN_HELP)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    model.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="image decoding workers (0: in this process)",
+    )
     model.add_argument("--save-results", metavar="PATH", help="write the model's captions as COCO results JSON")
-    model.add_argument("--examples", type=int, default=0, metavar="N", help="print N images' captions and references")
+    model.add_argument(
+        "--examples", type=non_negative_int, default=0, metavar="N", help="print N images' captions and references"
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     parser.add_argument(
         "--first-caption-per-image",
@@ -538,7 +532,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--show-examples",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also show the N best and N worst images by CIDEr",
@@ -599,12 +593,19 @@ def evaluate_main(args: argparse.Namespace) -> int:
     """`evaluate.py --encoder/--decoder/--vocab` or `--models DIR`: caption a split, score, compare with a baseline."""
     use_java = False if args.no_java else None
     try:
+        if args.models and (args.encoder or args.decoder or args.vocab):
+            raise InputFileError(
+                "--models DIR takes the weights and vocab.pkl from DIR: give either it or --encoder, --decoder "
+                "and --vocab"
+            )
         if args.models:
             weights = latest_weights(args.models)
         elif args.encoder and args.decoder and args.vocab:
             weights = (Path(args.encoder), Path(args.decoder), Path(args.vocab))
         else:
             raise InputFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
+        if args.save_results:
+            check_writable(args.save_results)
         runs = {"model": weights}
         if args.baseline:
             runs["baseline"] = latest_weights(args.baseline)
@@ -615,14 +616,19 @@ def evaluate_main(args: argparse.Namespace) -> int:
             evaluations[name] = evaluate_model(
                 encoder, decoder, vocab, args.split, beam=args.beam, data=args.data, root=args.root,
                 batch_size=args.batch_size, max_len=args.max_len, use_java=use_java,
-                per_image=args.show_examples > 0,
+                per_image=args.show_examples > 0, num_workers=args.num_workers,
             )
     except (ValueError, OSError, VocabularyError, WeightsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = evaluations["model"]
-    if args.save_results:
-        save_results(model["results"], args.save_results)
+    for name, ev in evaluations.items():
+        if ev["unreadable"]:
+            print(
+                f"warning: {name}: {ev['unreadable']} of {len(ev['results']) + ev['unreadable']} images could not "
+                "be read and were left out of the scores",
+                file=sys.stderr,
+            )
     metrics = {name: {m: ev["scores"][m] for m in METRICS if m in ev["scores"]} for name, ev in evaluations.items()}
     examples = (
         best_and_worst(model["scores"], model["results"], model["references"], args.show_examples)
@@ -630,14 +636,24 @@ def evaluate_main(args: argparse.Namespace) -> int:
         else None
     )
     if args.json:
-        print(json.dumps({**metrics, "examples": examples} if examples else metrics, indent=2))
-        return 0
-    print(format_comparison(metrics) if len(metrics) > 1 else format_table(metrics["model"]))
-    if examples:
-        print(format_examples(examples))
-    if args.examples:
-        others = {name: ev["results"] for name, ev in evaluations.items() if name != "model"}
-        print(format_captions(model["results"], model["references"], args.examples, **others))
+        counts = {name: {"images": len(ev["results"]), "unreadable": ev["unreadable"]} for name, ev in evaluations.items()}
+        report = {name: {**metrics[name], **counts[name]} for name in evaluations}
+        print(json.dumps({**report, "examples": examples} if examples else report, indent=2))
+    else:
+        print(format_comparison(metrics) if len(metrics) > 1 else format_table(metrics["model"]))
+        for name, ev in evaluations.items():
+            print(f"{name}: {len(ev['results'])} images scored, {ev['unreadable']} unreadable (left out)")
+        if examples:
+            print(format_examples(examples))
+        if args.examples:
+            others = {name: ev["results"] for name, ev in evaluations.items() if name != "model"}
+            print(format_captions(model["results"], model["references"], args.examples, **others))
+    if args.save_results:  # after the scores are printed: a failed write loses nothing
+        try:
+            write_results(model["results"], args.save_results)
+        except OSError as e:
+            print(f"error: {args.save_results}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0
 
 

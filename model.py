@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -38,34 +39,51 @@ def resnet50_backbone(pretrained: bool = True, weights_path: str | os.PathLike |
     features stay valid.
     """
     if weights_path is not None or pretrained:
-        if weights_path is not None:
-            try:
-                state = read_state_dict(weights_path)
-            except WeightsFileError as e:
-                raise PretrainedWeightsUnavailable(str(e)) from None
-        else:
+        cached = weights_path is None
+        if cached:
             weights = models.ResNet50_Weights.IMAGENET1K_V1
             try:
-                state = weights.get_state_dict(progress=True, check_hash=True)
+                weights_path = hub_cached_file(weights.url)
             except Exception as e:
                 cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
                 raise PretrainedWeightsUnavailable(
                     f"cannot get ImageNet weights for ResNet-50 ({type(e).__name__}: {e}). Offline? Download "
                     f"{weights.url} elsewhere and put it at {cache}, or pass weights_path=, or use pretrained=False"
                 ) from None
+        try:
+            state = read_state_dict(weights_path)  # weights_only: a planted cache file cannot run code
+        except WeightsFileError as e:
+            hint = "; or delete it to download it again" if cached else ""
+            raise PretrainedWeightsUnavailable(f"{e}{hint}") from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         with torch.device("meta"):  # no random init of 25M weights that are about to be replaced (~0.3 s)
             resnet = models.resnet50(weights=None)
         try:
             resnet.load_state_dict(state, assign=True)
         except RuntimeError as e:
-            source = weights_path if weights_path is not None else weights.url
-            raise PretrainedWeightsUnavailable(f"{source}: not a ResNet-50 state dict ({_mismatch(e)})") from None
+            raise PretrainedWeightsUnavailable(
+                f"{weights_path}: not a ResNet-50 state dict ({_mismatch(e)})"
+            ) from None
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             resnet = models.resnet50(weights=None)
     return nn.Sequential(*list(resnet.children())[:-1])
+
+
+def hub_cached_file(url: str) -> Path:
+    """torch hub's copy of a weights URL ($TORCH_HOME/hub/checkpoints/NAME), downloaded first when missing.
+
+    A fresh download is checked against the SHA-256 prefix in its name (NAME-<hash>.pth), as torchvision does.
+    Only the path: callers read it with `read_state_dict` (weights_only), as any weights file, since a file
+    already in the cache was never checked and could be planted.
+    """
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        digest = re.search(r"-([a-f0-9]+)\.", file.name)
+        torch.hub.download_url_to_file(url, str(file), digest.group(1) if digest else None, progress=True)
+    return file
 
 
 def fold_batchnorm(resnet: nn.Sequential) -> nn.Sequential:
@@ -122,7 +140,8 @@ class EncoderCNN(nn.Module):
     def backbone(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled ResNet-50 features [B, 2048] of normalised images [B, 3, H, W]: what the feature cache stores.
 
-        A frozen backbone (not `train_cnn`) runs with its BatchNorms folded into its convolutions.
+        A frozen backbone (not `train_cnn`) runs with its BatchNorms folded into its convolutions (see
+        `_folded_resnet`: edits through `.data` are not seen, call `refold()` after them).
         """
         images = images.contiguous(memory_format=torch.channels_last)
         if self.train_cnn or self.resnet.training:  # an optimizer may change weights without a trace: no folding
@@ -134,13 +153,27 @@ class EncoderCNN(nn.Module):
     def _folded_resnet(self) -> nn.Sequential:
         """fold_batchnorm(self.resnet), made again when a weight was replaced or changed in place (.to(),
         load_state_dict; fused optimizers do not count as changes, hence none with train_cnn). Kept in a tuple, so
-        it is no submodule: the state dict keeps the template's layout."""
+        it is no submodule: the state dict keeps the template's layout.
+
+        A change is seen through each tensor's version counter, which edits through `.data` (`p.data.mul_(2)`)
+        do not bump: after such an edit call `refold()`, or the old fold keeps being used.
+        """
         tensors = [*self.resnet.parameters(), *self.resnet.buffers()]
+        if any(t.is_inference() for t in tensors):
+            # Weights made under torch.inference_mode have no version counter, and inside inference_mode they can
+            # still be changed in place (load_state_dict copies into them) without a trace: a fold could go stale
+            # unseen, so these run unfolded (5-10% slower, always right).
+            self._folded = (None, None)
+            return self.resnet
         key = tuple((t.device, t.data_ptr(), t._version, t.dtype) for t in tensors)
         if self._folded[0] != key:
             self._folded = (None, None)  # free the old copy before making the new one
             self._folded = (key, fold_batchnorm(self.resnet))
         return self._folded[1]
+
+    def refold(self) -> None:
+        """Fold the BatchNorms again on the next forward: needed after weight edits through `.data` (no trace)."""
+        self._folded = (None, None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.backbone(images))
@@ -225,7 +258,8 @@ class DecoderRNN(nn.Module):
     def _generate(
         self, features: torch.Tensor, pick, max_len: int, end_id: int, states=None
     ) -> list[list[int]]:
-        """Feed each picked word back in until every sequence has emitted <end> or `max_len` words."""
+        """Feed each picked word back in until every sequence has emitted <end> or `max_len` ids (which count the
+        <start> a trained model emits first, and the <end>: at most max_len - 1 words)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, not {max_len}")
         inputs, words = features, []
@@ -276,6 +310,8 @@ class DecoderRNN(nn.Module):
         if top_n is not None and not 1 <= top_n <= beam_size:
             raise ValueError(f"top_n must be between 1 and beam_size={beam_size}, not {top_n}")
         batch, k, vocab_size, device = features.shape[0], beam_size, self.vocab_size, features.device
+        if batch == 0:  # as greedy_search: no images, no captions
+            return []
         minus_inf = float("-inf")
         rank = torch.arange(2 * k, device=device)
         # Beams of one image are adjacent rows. Only beam 0 is live at first, so the beams do not start as copies.
@@ -589,6 +625,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        last = torch.cuda.device_count() - 1
+        present = "one CUDA device, cuda:0" if last == 0 else f"the CUDA devices cuda:0 to cuda:{last}"
+        raise ValueError(f"device {device} asked for, but this machine has only {present}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device} asked for, but Apple MPS is not available here")
     return device
 
 

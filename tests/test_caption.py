@@ -1,7 +1,9 @@
 """caption.py: the CLI on a real folder of images (one corrupt), and the library functions it is built on."""
 
+import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,17 @@ LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Writes past `size` bytes fail with OSError (EFBIG, "File too large"), as on a full disk: a real failure."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))  # Python ignores SIGXFSZ, so write() raises
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def noise_image(seed: int, mode: str = "RGB", size=(80, 60)) -> Image.Image:
@@ -197,3 +210,50 @@ def test_missing_inputs_are_reported_and_the_rest_captioned(setup, tmp_path, cap
 )
 def test_coco_image_ids_from_file_names(name, image_id):
     assert caption.coco_image_id(Path("some/folder") / name) == image_id
+
+
+def weight_args(setup) -> list[str]:
+    return ["--encoder", str(setup["encoder"]), "--decoder", str(setup["decoder"]), "--vocab", str(setup["vocab"])]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--num-workers", "-1"], "argument --num-workers: must be >= 0, not -1"),
+        (["--max-len", "1"], "argument --max-len: must be >= 2 (it counts <start>: 1 gives empty captions), not 1"),
+        (["--beam", "0"], "argument --beam: must be >= 1, not 0"),
+    ],
+)
+def test_bad_numbers_are_refused_when_parsing(setup, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_:
+        caption.main([str(setup["good"][0]), *weight_args(setup), *option])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_output_path_or_device_is_refused_before_any_work(setup, tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cases = [
+        (["--json", str(not_a_folder / "r.json")], f"error: {not_a_folder / 'r.json'}: {not_a_folder} is not a folder"),
+        (["--json", str(tmp_path)], f"error: {tmp_path}: is a folder, expected a file name"),
+        (["--json", str(tmp_path / ("x" * 300))], "cannot write there (File name too long)"),
+        (["--device", "mps"] if not torch.backends.mps.is_available() else ["--device", "cuda:99"], "asked for, but"),
+    ]
+    for option, message in cases:
+        code = caption.main([str(setup["photos"]), *weight_args(setup), "--num-workers", "0", *option])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == ""  # nothing captioned
+        assert message in captured.err and captured.err.count("\n") == 1, captured.err
+    assert caption.main([str(setup["good"][0]), *weight_args(setup), "--json", str(tmp_path / "new" / "r.json")]) == 0
+    assert json.loads((tmp_path / "new" / "r.json").read_text())[0]["image_id"] == 391895  # new folders are made
+
+
+def test_a_failed_write_is_one_line_after_the_captions(setup, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    inputs = [str(p) for p in setup["good"]]
+    with file_size_limit(64):
+        code = caption.main([*inputs, *weight_args(setup), "--num-workers", "0", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.out.splitlines()) == 4  # the captions were printed first
+    assert captured.err.endswith(f"error: {out}: cannot write (File too large)\n") and "Traceback" not in captured.err
+    assert list(tmp_path.iterdir()) == []  # no torn file, no temp file

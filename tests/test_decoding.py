@@ -274,3 +274,12 @@ def test_bad_arguments_are_refused():
         decoder.beam_search(features, length_penalty=-1)
     with pytest.raises(ValueError, match="temperature"):
         decoder.sample_search(features, temperature=0)
+
+
+def test_no_images_give_no_captions():
+    decoder = random_decoder(0)
+    none = torch.zeros(0, 12)
+    assert decoder.greedy_search(none) == []
+    assert decoder.beam_search(none, beam_size=3) == []
+    assert decoder.beam_search(none, beam_size=3, top_n=2) == []
+    assert decoder.sample_search(none) == []

@@ -14,6 +14,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
 import evaluate
+from caption import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="needs java on PATH")
@@ -252,7 +253,7 @@ def test_references_follow_annotation_file_order(annotations):
 
 def test_no_java_on_path_skips_meteor_with_a_note(tmp_path, annotations):
     results = tmp_path / "results.json"
-    evaluate.save_results(RESULTS, results)
+    write_results(RESULTS, results)
     env = {**os.environ, "PATH": str(tmp_path / "empty")}
     proc = subprocess.run(
         [
@@ -301,7 +302,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_cli_json_output(tmp_path, annotations, capsys):
     results = tmp_path / "results.json"
-    evaluate.save_results(RESULTS, results)
+    write_results(RESULTS, results)
     code, out, err = run_cli(
         capsys, "--results", results, "--annotations", annotations, "--json", "--no-java"
     )
@@ -314,7 +315,7 @@ def test_cli_json_output(tmp_path, annotations, capsys):
 
 def test_cli_table_and_examples(tmp_path, annotations, capsys):
     results = tmp_path / "results.json"
-    evaluate.save_results(RESULTS, results)
+    write_results(RESULTS, results)
     code, out, _ = run_cli(
         capsys, "--results", results, "--annotations", annotations, "--no-java", "--show-examples", 2
     )
@@ -342,7 +343,7 @@ def test_cli_table_and_examples(tmp_path, annotations, capsys):
 
 def test_cli_json_with_examples(tmp_path, annotations, capsys):
     results = tmp_path / "results.json"
-    evaluate.save_results(RESULTS, results)
+    write_results(RESULTS, results)
     code, out, _ = run_cli(
         capsys,
         "--results",
@@ -389,7 +390,7 @@ def test_cli_bad_results_exit_2_naming_the_file(tmp_path, annotations, capsys, c
 
 def test_cli_missing_or_bad_annotations(tmp_path, capsys):
     results = tmp_path / "results.json"
-    evaluate.save_results(RESULTS, results)
+    write_results(RESULTS, results)
     code, _, err = run_cli(capsys, "--results", results, "--annotations", tmp_path / "nope.json")
     assert code == 2 and f"{tmp_path / 'nope.json'}: no such file" in err
     (tmp_path / "bad.json").write_text('{"images": []}')
@@ -405,7 +406,7 @@ def test_first_caption_per_image_keeps_the_first(tmp_path, annotations, capsys):
         {"image_id": 9, "caption": "food in trays"},
         {"image_id": 9, "caption": "zebras"},
     ]
-    evaluate.save_results(doubled, results)
+    write_results(doubled, results)
     code, out, err = run_cli(
         capsys,
         "--results",
@@ -450,7 +451,7 @@ def test_cli_error_has_no_traceback(tmp_path, annotations):
 
 def test_save_and_load_results_round_trip(tmp_path):
     path = tmp_path / "results.json"
-    evaluate.save_results([{**r, "extra": 1} for r in RESULTS], path)
+    write_results([{**r, "extra": 1} for r in RESULTS], path)
     assert evaluate.load_results(path) == RESULTS
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -504,16 +505,6 @@ def test_load_karpathy_split(tmp_path):
     }
 
 
-def test_karpathy_references(tmp_path):
-    path = write_karpathy(tmp_path / "dataset_coco.json")
-    assert evaluate.karpathy_references(path, "val") == {
-        2: ["A photo number 2.", "Picture 2, again."],
-        6: ["A photo number 6.", "Picture 6, again."],
-    }
-    with pytest.raises(ValueError, match="unknown Karpathy split"):
-        evaluate.karpathy_references(path, "minival")
-
-
 def test_karpathy_bad_files(tmp_path):
     path = tmp_path / "dataset_coco.json"
     path.write_text(
@@ -526,4 +517,126 @@ def test_karpathy_bad_files(tmp_path):
         evaluate.load_karpathy_split(path)
     path.write_text("[]")
     with pytest.raises(evaluate.InputFileError, match="'images' list"):
-        evaluate.karpathy_references(path, "test")
+        evaluate.load_karpathy_split(path)
+
+
+# ---- captioning a split with a model: evaluate.py --models / --encoder --decoder --vocab ----
+
+MODEL_REFERENCES = {
+    1: ["a red square on a white wall", "a red box"],
+    2: ["a green circle", "a round green thing on white"],
+    3: ["a blue square", "a blue box on a table"],
+    4: ["a picture that will not open", "a broken file"],
+}
+
+
+@pytest.fixture(scope="module")
+def model_and_split(tmp_path_factory) -> dict[str, Path]:
+    """Random weights trained at 64 px in a models folder, and a val split in the sample set's layout: four
+    images, the last one unreadable."""
+    import torch
+    from conftest import make_vocab
+    from test_caption import noise_image
+
+    from model import DecoderRNN, EncoderCNN
+
+    root = tmp_path_factory.mktemp("model_eval")
+    models = root / "models"
+    models.mkdir()
+    torch.manual_seed(0)
+    torch.save(EncoderCNN(16, pretrained=False).state_dict(), models / "encoder-1.pkl")
+    decoder = DecoderRNN(16, 24, 30)
+    with torch.no_grad():
+        decoder.fc.weight.mul_(5)
+    torch.save(decoder.state_dict(), models / "decoder-1.pkl")
+    (models / "train_config.json").write_text(json.dumps({"image_size": 64}))
+    make_vocab(models / "vocab.pkl", 30)
+    data = root / "data"
+    (data / "images" / "val").mkdir(parents=True)
+    (data / "annotations").mkdir()
+    images = [{"id": i, "file_name": f"val_{i:012d}.jpg"} for i in MODEL_REFERENCES]
+    for image in images[:3]:
+        noise_image(image["id"]).save(data / "images" / "val" / image["file_name"], quality=90)
+    (data / "images" / "val" / images[3]["file_name"]).write_bytes(b"not a JPEG")
+    annotations = [
+        {"id": 10 * i + k, "image_id": i, "caption": c}
+        for i, captions in MODEL_REFERENCES.items()
+        for k, c in enumerate(captions)
+    ]
+    (data / "annotations" / "captions_val.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return {"models": models, "data": data}
+
+
+def model_args(model_and_split) -> list:
+    return ["--models", model_and_split["models"], "--data", "sample", "--root", model_and_split["data"],
+            "--no-java", "--device", "cpu", "--num-workers", "0"]
+
+
+def test_cli_captions_a_split_and_reports_unreadable_images(model_and_split, tmp_path, capsys):
+    saved = tmp_path / "captions.json"
+    options = ["--beam", "2", "--max-len", "6", "--json", "--save-results", saved]
+    code, out, err = run_cli(capsys, *model_args(model_and_split), *options)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"]["images"] == 3 and report["model"]["unreadable"] == 1
+    assert "warning: model: 1 of 4 images could not be read and were left out of the scores" in err
+    results = evaluate.load_results(saved)
+    assert [r["image_id"] for r in results] == [1, 2, 3]
+    assert all(0 < len(r["caption"].split()) <= 6 for r in results)  # --max-len 6: at most 6 ids
+    expected = evaluate.score_captions(results, MODEL_REFERENCES, use_java=False)
+    assert report["model"] == {**expected, "images": 3, "unreadable": 1}
+
+
+def test_cli_prints_the_scores_before_a_failed_save(model_and_split, tmp_path, capsys):
+    from test_caption import file_size_limit
+
+    saved = tmp_path / "captions.json"
+    with file_size_limit(16):
+        code, out, err = run_cli(capsys, *model_args(model_and_split), "--beam", "1", "--save-results", saved)
+    assert code == 2
+    assert out.splitlines()[0].split() == ["metric", "score"] and "CIDEr" in out
+    assert "model: 3 images scored, 1 unreadable (left out)" in out
+    assert err.endswith(f"error: {saved}: cannot write (File too large)\n") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_model_errors_are_one_line(model_and_split, tmp_path, capsys):
+    import torch
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cases = [  # all refused before any captioning
+        (["--vocab", "other.pkl"], "error: --models DIR takes the weights and vocab.pkl from DIR"),
+        (["--save-results", not_a_folder / "r.json"], f"error: {not_a_folder / 'r.json'}: {not_a_folder} is not"),
+        (["--save-results", tmp_path], f"error: {tmp_path}: is a folder"),
+        (["--device", "mps" if not torch.backends.mps.is_available() else "cuda:99"], "error: device "),
+    ]
+    for option, message in cases:
+        code, out, err = run_cli(capsys, *model_args(model_and_split), *option)
+        assert code == 2 and out == "" and err.startswith(message) and err.count("\n") == 1, err
+    for bad, message in [
+        ({"annotations": []}, "no 'images' list"),
+        ({"images": [], "annotations": [{"id": 5, "image_id": 9, "caption": "a cat"}]}, "refers to image 9"),
+    ]:
+        data = tmp_path / "bad"
+        (data / "annotations").mkdir(parents=True, exist_ok=True)
+        (data / "annotations" / "captions_val.json").write_text(json.dumps(bad))
+        code, out, err = run_cli(capsys, *model_args(model_and_split), "--root", data)
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert err.splitlines()[-1].startswith(f"error: {data / 'annotations' / 'captions_val.json'}: ")
+        assert message in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--beam", "0"], "argument --beam: must be >= 1, not 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, not 0"),
+        (["--max-len", "1"], "argument --max-len: must be >= 2"),
+        (["--num-workers", "-1"], "argument --num-workers: must be >= 0, not -1"),
+    ],
+)
+def test_cli_bad_numbers_are_refused_when_parsing(capsys, option, message):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--models", "models", *option])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

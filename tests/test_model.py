@@ -178,3 +178,116 @@ def test_imagenet_weights_load_from_a_file_and_from_the_torch_hub_cache(tmp_path
     with pytest.raises(PretrainedWeightsUnavailable, match=r"r50\.pth: truncated or corrupt") as error:
         EncoderCNN(EMBED, weights_path=weights_file)
     assert "\n" not in str(error.value)
+
+
+def test_a_planted_file_in_the_torch_hub_cache_cannot_run_code(tmp_path, monkeypatch):
+    """The cache file the offline hint names is read with weights_only (as weights_path= is): code in it is refused
+    in one line naming the file, and nothing runs."""
+    import torchvision.models as models
+    from test_load_pretrained import Evil
+
+    from model import PretrainedWeightsUnavailable
+
+    marker = tmp_path / "the-pickle-ran-code"
+    hub_file = tmp_path / "hub" / "checkpoints" / models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    hub_file.parent.mkdir(parents=True)
+    torch.save({**models.resnet50().state_dict(), "extra": Evil(marker)}, hub_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsUnavailable, match="not loaded for safety") as error:
+        EncoderCNN(EMBED, pretrained=True)
+    assert not marker.exists()
+    assert str(error.value).startswith(f"{hub_file}: ") and "\n" not in str(error.value)
+    assert str(error.value).endswith("; or delete it to download it again")
+
+
+def test_hub_cached_file_downloads_once_and_checks_the_hash_in_the_name(tmp_path, monkeypatch):
+    """A fresh download must match the SHA-256 prefix in its name (as torchvision's files are named); a loopback
+    server stands in for download.pytorch.org."""
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from model import hub_cached_file
+
+    served = tmp_path / "served"
+    served.mkdir()
+    data = b"weights" * 100
+    good = f"net-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (served / good).write_bytes(data)
+    (served / "net-00000000.pth").write_bytes(data)  # a name whose hash the content does not have
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    checkpoints = tmp_path / "home" / "hub" / "checkpoints"
+    try:
+        with pytest.raises(RuntimeError, match="invalid hash value"):
+            hub_cached_file(f"{url}/net-00000000.pth")
+        assert list(checkpoints.iterdir()) == []  # nothing half-checked left behind
+        assert hub_cached_file(f"{url}/{good}") == checkpoints / good
+        assert (checkpoints / good).read_bytes() == data
+        (served / good).unlink()
+        assert hub_cached_file(f"{url}/{good}") == checkpoints / good  # from the cache, no second download
+    finally:
+        httpd.shutdown()
+
+
+def test_an_encoder_made_and_run_under_inference_mode_gives_the_same_features(encoder, images, tmp_path):
+    """Weights made under torch.inference_mode have no version counter: the encoder runs them unfolded, and a
+    load_state_dict into them inside inference_mode (an in-place copy) is still seen."""
+    from model import load_encoder
+
+    path = tmp_path / "encoder-1.pkl"
+    torch.save(encoder.state_dict(), path)
+    other = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
+    with torch.no_grad():
+        expected, expected_other = encoder(images), other(images)
+    def same(a, b):  # unfolded and folded BatchNorms differ by float rounding
+        return torch.allclose(a.float(), b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+    with torch.inference_mode():
+        loaded = load_encoder(path)
+        assert same(loaded(images), expected)
+        loaded.load_state_dict(other.state_dict())
+        assert same(loaded(images), expected_other)
+        in_double = EncoderCNN(EMBED, pretrained=False).double()  # the same seeded backbone as `encoder`
+        assert same(in_double.backbone(images.double()), encoder.backbone(images))
+        assert loaded._folded == in_double._folded == (None, None)
+    assert same(loaded(images), expected_other)
+    with torch.inference_mode():  # normal weights run under inference_mode still fold
+        assert torch.equal(encoder(images), expected) and encoder._folded[1] is not None
+
+
+def test_refold_after_an_edit_through_data(images):
+    """`.data` edits bypass the version counter, so the fold is stale until refold()."""
+    encoder = EncoderCNN(EMBED, pretrained=False).eval()
+    encoder.backbone(images)
+    with torch.no_grad():
+        encoder.resnet[1].running_var.data.mul_(4)
+        unfolded = encoder.resnet(images.contiguous(memory_format=torch.channels_last)).flatten(1)
+    assert not torch.allclose(encoder.backbone(images), unfolded, atol=1e-4)  # the documented limit
+    encoder.refold()
+    assert torch.allclose(encoder.backbone(images), unfolded, rtol=1e-4, atol=1e-5 * unfolded.abs().max())
+
+
+def test_devices_that_are_not_here_are_refused_by_name():
+    from model import resolve_device
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="device mps asked for, but Apple MPS is not available here"):
+            resolve_device("mps")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        assert resolve_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
+        with pytest.raises(ValueError, match=rf"device cuda:{count} asked for, but this machine has only"):
+            resolve_device(f"cuda:{count}")
+    else:
+        for name in ("cuda", "cuda:5"):
+            with pytest.raises(ValueError, match=rf"device {name} asked for, but CUDA is not available here"):
+                resolve_device(name)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
