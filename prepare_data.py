@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
+
+from fileio import atomic_write
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
 def download(url: str, dest: str | Path, expected_size: int | None = None, md5: str | None = None,
              retries: int = 5, backoff: float = 2.0) -> Path:
     """Stream url to dest.part (resumed across attempts and runs), verify it, then rename it to dest."""
+    if retries < 0 or backoff < 0:
+        raise ValueError(f"retries and backoff must be >= 0, got {retries} and {backoff}")
     dest = Path(dest)
     if dest.exists() and (expected_size is None or dest.stat().st_size == expected_size):
         return dest  # only verified files are ever renamed to dest
@@ -187,18 +192,27 @@ def download(url: str, dest: str | Path, expected_size: int | None = None, md5: 
 
 
 def _safe_target(dest: Path, member: str) -> Path:
-    """Where a zip member goes under dest; refuses absolute paths and '..' that would escape dest."""
+    """Where a zip member goes under dest; refuses absolute paths and '..' that would escape dest.
+
+    The check is lexical, not on resolved paths: folders under dest that the user made symlinks to another
+    disk (annotations/, images/train2014/) are followed. The archive cannot plant a symlink of its own, as
+    every member is written as a regular file.
+    """
     path = PurePosixPath(member)
-    target = (dest / path).resolve()
-    if path.is_absolute() or ".." in path.parts or not target.is_relative_to(dest):
+    target = Path(os.path.normpath(dest / path))
+    if path.is_absolute() or ".." in path.parts or target == dest or not target.is_relative_to(dest):
         raise PrepareError(f"unsafe path in zip: {member!r} would land outside {dest}")
     return target
 
 
 def extract_zip(archive: Path, dest: Path, members: tuple[str, ...] | None = None) -> int:
-    """Unpack archive into dest (files written atomically, nothing outside dest); return the file count."""
+    """Unpack archive into dest (files written atomically, nothing outside dest); return the file count.
+
+    Files are not fsynced one by one (14x slower for COCO's many small images); prepare_coco syncs once before
+    it writes the marker that records the archive as unpacked.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    dest = dest.resolve()
+    dest = Path(os.path.abspath(dest))
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = [info for info in zf.infolist() if not info.is_dir()]
@@ -210,11 +224,8 @@ def extract_zip(archive: Path, dest: Path, members: tuple[str, ...] | None = Non
                 for info in infos:
                     name = PurePosixPath(info.filename).name if members is not None else info.filename
                     target = _safe_target(dest, name)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_name(target.name + ".tmp")
-                    with zf.open(info) as src, open(tmp, "wb") as out:
+                    with zf.open(info) as src, atomic_write(target, fsync=False) as out:
                         shutil.copyfileobj(src, out, CHUNK_BYTES)
-                    os.replace(tmp, target)
                     bar.update(info.file_size)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
         raise PrepareError(f"{archive}: not a valid zip file ({err})") from None
@@ -309,10 +320,10 @@ def prepare_coco(root: str | Path, only: str | None = None, base_url: str | None
             zip_path.unlink()
             raise PrepareError(f"{url}: unpacking it gave no {archive.provides}; is it the right file?")
         record = {"url": url, "size": zip_path.stat().st_size, "md5": archive.md5, "files": count}
-        marker = _marker(root, archive)
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, marker)
+        if hasattr(os, "sync"):  # POSIX: the unpacked files reach the disk before the marker vouches for them
+            os.sync()
+        with atomic_write(_marker(root, archive), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
         if not keep_archives:
             zip_path.unlink()
         print(f"{archive.name}: unpacked {count:,} files into {root / archive.dest}")
@@ -386,6 +397,28 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (a bad one exits with code 2 and a one-line message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: subcommands `coco` and `sample`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -400,14 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also link ROOT/cocoapi/{images,annotations} for get_loader(cocoapi_loc=ROOT)")
     coco.add_argument("--check", action="store_true", help="only verify the tree: exit 0 if complete, else 2")
     coco.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking them")
-    coco.add_argument("--retries", type=int, default=5, help="retries per download (default: 5)")
-    coco.add_argument("--backoff", type=float, default=2.0,
+    coco.add_argument("--retries", type=_non_negative_int, default=5, help="retries per download (default: 5)")
+    coco.add_argument("--backoff", type=_non_negative_float, default=2.0,
                       help="first retry delay in seconds, doubled each retry (default: 2)")
     coco.set_defaults(run=run_coco)
     sample = commands.add_parser("sample", help="write the small generated sample dataset")
     sample.add_argument("--root", type=Path, default=Path("data/sample"),
                         help="data folder (default: data/sample)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
     sample.set_defaults(run=run_sample)
     return parser
 

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fileio import atomic_write
+
 FORMAT_VERSION = 1
 MARKER = ".sample_complete.json"
 SPLITS = ("train", "val", "test")
@@ -333,10 +335,9 @@ def _write_split(folder: Path, split: str, image_ids: list[int], rng: np.random.
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)
+    """Write compact JSON atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
 
 
 def _generate(folder: Path, seed: int, counts: dict[str, int]) -> dict:
@@ -383,6 +384,8 @@ def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_
     a complete earlier set, or the complete new one. The same seed gives byte-identical files.
     """
     started = time.perf_counter()
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     counts = {"train": n_train, "val": n_val, "test": n_test}
     for split, count in counts.items():
         if not isinstance(count, int) or count < 0:

@@ -5,11 +5,13 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import sys
 import threading
 import types
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -267,6 +269,7 @@ def test_corrupt_zip_is_removed_and_downloaded_again(tmp_path, server, small_tab
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "caption_datasets.zip: not a valid zip file" in err and "run again" in err
     assert not list((root / "downloads").glob("caption_datasets.zip*"))
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]  # the half-written member is gone
 
     server.files["caption_datasets.zip"] = good
     server.requests.clear()
@@ -284,6 +287,37 @@ def test_zip_members_cannot_escape_the_root(tmp_path, server, small_tables, monk
         prepare_data.prepare_coco(root, only="annotations", base_url=server.url, backoff=0.01)
     assert not list(tmp_path.rglob("evil.json"))
     assert not (root / "downloads" / "image_info_test2014.zip").exists()
+
+
+def test_folders_symlinked_to_another_disk_are_unpacked_into(tmp_path, server, small_tables):
+    """A user who linked annotations/ and images/train2014/ to a bigger disk gets the files there."""
+    root, disk = tmp_path / "coco", tmp_path / "disk2"
+    (disk / "annotations").mkdir(parents=True)
+    (disk / "train2014").mkdir()
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").symlink_to(disk / "annotations", target_is_directory=True)
+    (root / "images" / "train2014").symlink_to(disk / "train2014", target_is_directory=True)
+    assert run("--root", str(root), "--base-url", server.url, *FAST) == 0
+    assert (root / "annotations").is_symlink() and (root / "images" / "train2014").is_symlink()
+    assert json.loads((disk / "annotations" / "captions_train2014.json").read_text())["annotations"]
+    assert (disk / "annotations" / "dataset_coco.json").is_file()
+    assert len(list((disk / "train2014").glob("*.jpg"))) == IMAGE_COUNTS["train2014"]
+    assert prepare_data.check_coco(root) == []
+
+
+@pytest.mark.parametrize("member", ["../evil.json", "annotations/../../evil.json", "ABSOLUTE"])
+def test_escaping_members_are_refused_even_through_a_symlinked_folder(tmp_path, member):
+    root, disk = tmp_path / "coco", tmp_path / "disk2"
+    (disk / "annotations").mkdir(parents=True)
+    root.mkdir()
+    (root / "annotations").symlink_to(disk / "annotations", target_is_directory=True)
+    member = str(tmp_path / "evil.json") if member == "ABSOLUTE" else member
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(make_zip({"annotations/ok.json": b"{}", member: b"{}"}))
+    with pytest.raises(prepare_data.PrepareError, match="unsafe path in zip"):
+        prepare_data.extract_zip(archive, root)
+    assert not list(tmp_path.rglob("evil.json"))
+    assert (disk / "annotations" / "ok.json").read_bytes() == b"{}"  # the symlinked folder itself is fine
 
 
 def test_check_complete_and_incomplete_trees(tmp_path, server, small_tables, capsys):
@@ -348,6 +382,36 @@ def test_bad_base_url_is_one_line(tmp_path, small_tables, capsys):
     assert run("--root", str(tmp_path), "--base-url", "ftp://example.org/coco") == 2
     err = capsys.readouterr().err
     assert err == "error: base URL must start with http:// or https://: 'ftp://example.org/coco'\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sample", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["sample", "--seed", "1.5"], "argument --seed: expected a whole number >= 0, got '1.5'"),
+    (["coco", "--retries", "-1"], "argument --retries: must be >= 0, got -1"),
+    (["coco", "--backoff", "-0.5"], "argument --backoff: must be a finite number >= 0, got '-0.5'"),
+    (["coco", "--backoff", "nan"], "argument --backoff: must be a finite number >= 0, got 'nan'"),
+    (["coco", "--backoff", "soon"], "argument --backoff: expected a number >= 0, got 'soon'"),
+])
+def test_bad_numbers_on_the_command_line_exit_2_before_doing_anything(tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main([*argv, "--root", str(tmp_path / "data")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_seed_from_the_shell_is_one_error_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "prepare_data.py", "sample", "--seed", "-1", "--root", str(tmp_path)],
+                            capture_output=True, text=True, cwd=Path(prepare_data.__file__).parent)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("error: argument --seed: must be >= 0, got -1")
+    assert "Traceback" not in result.stderr
+
+
+def test_download_refuses_negative_retries(tmp_path):
+    with pytest.raises(ValueError, match="retries and backoff must be >= 0"):
+        prepare_data.download("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=-1)
 
 
 def test_sample_subcommand_calls_make_sample_dataset(tmp_path, monkeypatch, capsys):

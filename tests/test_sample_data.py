@@ -207,6 +207,9 @@ def test_refuses_a_foreign_folder_and_bad_counts(tmp_path):
     assert [p.name for p in root.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="n_val"):
         make_sample_dataset(tmp_path / "sample", n_train=4, n_val=-1, n_test=1)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        make_sample_dataset(tmp_path / "sample", seed=-1, n_train=4, n_val=2, n_test=1)
+    assert not (tmp_path / "sample").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert make_sample_dataset(empty, n_train=4, n_val=2, n_test=1)["created"] is True
