@@ -6,10 +6,13 @@ and `embed` + the decoder train from the cache; on a GPU the JPEGs are decoded t
 (fine-tunes resnet.7) and `--no-cache` run the JPEGs through the ResNet at every step instead.
 `torchrun --nproc_per_node=N train.py ...` trains with DistributedDataParallel.
 
-Every random choice is a function of (seed, rank, epoch, step) -- dropout is reseeded before each step, the
-views of an epoch come from a generator seeded by (seed, rank, epoch), batches from the sampler's (seed, epoch) --
-so the position in the run is the whole random state: a run killed at any moment and resumed with `--resume`
-ends with the same weights (bitwise on the CPU) as one that never stopped.
+Training from the cache, every random choice is a function of (seed, rank, epoch, step) -- dropout is reseeded
+before each step, the views of an epoch come from a generator seeded by (seed, rank, epoch), batches from the
+sampler's (seed, epoch) -- so the position in the run is the whole random state: on the CPU a run killed at any
+moment and resumed with `--resume` ends with bitwise the same weights as one that never stopped. A resumed run
+continues at the same batch with the same schedule everywhere, but two things depend on where it (re)started: on
+a GPU the dropout masks (cuDNN's dropout generator is seeded once per epoch, see `reseed`), and on the image path
+(--no-cache, --train-cnn) the random crops and flips drawn in the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -134,10 +137,11 @@ PRESETS: dict[str, dict] = {
         num_layers=2, dropout=0.1, epochs=3, batch_size=256, lr=1e-3,
     ),
 }
-# Settings a checkpoint can only be resumed with unchanged (the vocabulary and backbone are checked separately).
+# Settings a checkpoint can only be resumed with unchanged (the vocabulary and backbone are checked separately):
+# the model's shape, the batches and their order, and the optimiser and schedule the checkpoint's state belongs to.
 RESUME_MUST_MATCH = (
     "image_size", "mirror", "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "seed", "train_cnn",
-    "blind",
+    "blind", "cache", "epochs", "lr", "cnn_lr", "weight_decay", "warmup_fraction", "min_lr_fraction", "grad_clip",
 )
 
 
@@ -200,6 +204,11 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def sum_dtype(self) -> torch.dtype:
+        """The dtype of on-device loss sums: float64, except on Apple's GPU (MPS), which has none."""
+        return torch.float32 if self.device.type == "mps" else torch.float64
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(device_ids=[self.device.index] if self.cuda else None)
@@ -253,11 +262,16 @@ def derived_seed(*parts: int) -> int:
 DROPOUT_STREAM, VIEW_STREAM, LOADER_STREAM = 0, 1, 2
 
 
-def reseed(seed: int, runtime: Runtime) -> None:
-    """Seed the generators this process draws from: the CPU's and its own GPU's. (torch.manual_seed also queues
-    the seeding of every GPU, which costs ~1 ms per call on a CUDA build without one: too much for every step.)"""
+def reseed(seed: int, runtime: Runtime, gpu: bool = True) -> None:
+    """Seed the generators this process draws from: the CPU's and (`gpu`) its own GPU's. (torch.manual_seed also
+    queues the seeding of every GPU, which costs ~1 ms per call on a CUDA build without one.)
+
+    The training loop seeds the GPU's only at the first step of an epoch (or of a resumed run), not at every step:
+    reseeding it makes the next cuDNN LSTM with dropout rebuild its dropout state from a seed it reads back from
+    the GPU, a host sync per step. So dropout masks on a GPU depend on where the run started, not only on the step.
+    """
     torch.default_generator.manual_seed(seed)
-    if runtime.cuda:
+    if gpu and runtime.cuda:
         torch.cuda.manual_seed(seed)
 
 
@@ -277,9 +291,13 @@ class Split:
 
 
 def read_split(annotations_file: Path, img_folder: Path) -> Split:
-    """The images and captions listed in a COCO caption file; TrainingError naming the file when it is unusable."""
+    """The images and captions listed in a COCO caption file; TrainingError naming the file when it is unusable.
+
+    The captions are tokenized here too (kept for caption_table), so a bad file fails before any feature is built.
+    """
     try:
         coco = load_coco(annotations_file)
+        tokenize_annotations(annotations_file)
     except (FileNotFoundError, ValueError) as e:
         raise TrainingError(str(e)) from None
     images = sorted(coco.dataset["images"], key=lambda image: image["id"])
@@ -449,6 +467,9 @@ def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_
         seconds = round(time.perf_counter() - started, 1)
         info = {"key": key, "skipped": int((~readable).sum()), "seconds": seconds}
         (tmp / "key.json").write_text(json.dumps(info, indent=1))
+        for path in tmp.iterdir():  # on disk before the rename makes it a cache, even if the power fails
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
         if folder.exists():  # stale or damaged: same name, other contents
             shutil.rmtree(folder)
         os.rename(tmp, folder)
@@ -612,6 +633,22 @@ def weights_digest(model: Captioner) -> str:
         digest.update(name.encode())
         digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def remove_earlier_run(out: Path) -> None:
+    """Delete the epoch weights, metrics and plot an earlier run left in `out`, so that "the highest N"
+    (evaluate.latest_weights, 3_Inference) is always this run's and never an older model beside this run's
+    vocab.pkl. Its checkpoint.pt stays until this run writes its own, so `--resume` can still continue it."""
+    earlier = sorted(p for p in out.iterdir() if re.fullmatch(r"(encoder|decoder)-\d+\.pkl", p.name))
+    earlier += [p for p in (out / "metrics.jsonl", out / "loss.png") if p.exists()]
+    for path in earlier:
+        path.unlink()
+    notes = [f"removed {len(earlier)} files of an earlier run ({', '.join(p.name for p in earlier[:4])}"
+             f"{', ...' if len(earlier) > 4 else ''})"] if earlier else []
+    if (out / "checkpoint.pt").exists():
+        notes.append(f"{out / 'checkpoint.pt'} will be replaced (--resume continues it)")
+    if notes:
+        print(f"note: starting afresh in {out}: {'; '.join(notes)}", flush=True)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_fraction: float) -> float:
@@ -817,12 +854,12 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            remove_earlier_run(out)
         vocab.save(out / "vocab.pkl")
         config_json = asdict(cfg) | {"vocab_size": len(vocab), "backbone_fingerprint": backbone}
         with atomic_write(out / "train_config.json", "w") as f:
             f.write(json.dumps(config_json, indent=2) + "\n")
-        if checkpoint is None and checkpoint_path.exists():
-            print(f"note: starting afresh; {checkpoint_path} will be replaced (--resume continues it)", flush=True)
     runtime.barrier()
 
     uses_cache = cfg.cache and not cfg.train_cnn and not cfg.blind
@@ -844,6 +881,9 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
             mean, std = sampled_feature_stats(encoder, train_split.paths, cfg, runtime)
         model.feature_mean.copy_(mean)
         model.feature_std.copy_(std)
+    if runtime.world_size > 1:  # computed from images, each GPU's may differ in the last bits: rank 0's for all
+        dist.broadcast(model.feature_mean, 0)
+        dist.broadcast(model.feature_std, 0)
     if uses_cache or cfg.blind:
         train_sampler = BucketBatchSampler(train_table.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                            num_replicas=runtime.world_size, rank=runtime.rank)
@@ -866,14 +906,20 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
     # fused: one kernel (GPU) or one pass (CPU) over all parameters; on the CPU 3x faster than foreach
     optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = len(train_sampler)
+    if checkpoint is not None and checkpoint.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise TrainingError(f"{checkpoint_path}: cannot resume: its epochs have {checkpoint['steps_per_epoch']} "
+                            f"steps, this run's {steps_per_epoch} (the captions or the readable images changed)")
     total_steps = cfg.epochs * steps_per_epoch
     schedule = partial(lr_factor, total_steps=total_steps, warmup_steps=int(cfg.warmup_fraction * total_steps),
                        min_fraction=cfg.min_lr_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ddp = model
     if runtime.world_size > 1:
+        # no buffer broadcast before every forward: the BatchNorm statistics and feature stats never change
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.cuda else None,
-                                      broadcast_buffers=False)  # BatchNorm statistics stay frozen
+                                      **no_buffer_sync)
 
     epoch, start_step, metrics = 1, 0, []
     progress = {"loss_sum": 0.0, "tokens": 0, "captions": 0, "seconds": 0.0}
@@ -922,6 +968,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 "epoch": next_epoch,
                 "step": next_step,
                 "global_step": (next_epoch - 1) * steps_per_epoch + next_step,
+                "steps_per_epoch": steps_per_epoch,
                 "sampler": {"seed": cfg.seed, "epoch": next_epoch, "start_batch": next_step,
                             "num_replicas": runtime.world_size},
                 "world_size": runtime.world_size,
@@ -950,7 +997,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
         while epoch <= cfg.epochs:
             epoch_started = time.perf_counter()
             # this process's counts start from the checkpoint's (rank 0 carries the sums of all processes)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            loss_sum = torch.zeros((), dtype=runtime.sum_dtype, device=runtime.device)
             tokens = captions_seen = 0
             if runtime.is_main:
                 loss_sum += progress["loss_sum"]
@@ -974,11 +1021,12 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 steps = (_image_batch(batch, runtime, cfg.image_size, vocab) for batch in train_loader)
             with tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                       disable=not runtime.is_main, dynamic_ncols=True) as bar:
-                window_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+                window_loss = torch.zeros((), dtype=runtime.sum_dtype, device=runtime.device)
                 window_tokens = 0
                 for step, (captions, features, images, weight) in enumerate(steps, start=start_step):
                     global_step = (epoch - 1) * steps_per_epoch + step
-                    reseed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM), runtime)
+                    reseed(derived_seed(cfg.seed, runtime.rank, epoch, step, DROPOUT_STREAM), runtime,
+                           gpu=step == start_step)
                     with autocast(runtime):
                         outputs = ddp(captions, features=features, images=images)
                     loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
@@ -1119,7 +1167,7 @@ def validate(model: Captioner, table: CaptionTable | None, features: FeatureTabl
                                  rank=runtime.rank)
     batches = list(sampler)
     flat, offsets = epoch_index(batches, runtime.device)
-    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    total = torch.zeros((), dtype=runtime.sum_dtype, device=runtime.device)
     tokens = 0
     centre = torch.zeros(len(flat), dtype=torch.long, device=runtime.device)
     for s, batch in enumerate(tqdm(batches, desc="validation", unit="batch", leave=False,

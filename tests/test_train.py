@@ -226,7 +226,41 @@ def test_resume_refuses_another_vocabulary_or_model_shape(trained, base, capsys)
     assert train.main(args + ["--hidden-size", "32"]) == 2
     message = cli_error(capsys)
     assert "checkpoint.pt" in message and "--hidden-size 32" in message and "64" in message
+
+    # the optimiser's settings and the schedule's length belong to the checkpoint too
+    assert train.main(args + ["--hidden-size", "64"]) == 2
+    assert "--epochs 9: the checkpoint was trained with 8" in cli_error(capsys)
+    assert train.main(args + ["--hidden-size", "64", "--epochs", "8", "--lr", "0.5"]) == 2
+    assert "--lr 0.5: the checkpoint was trained with 0.003" in cli_error(capsys)
     assert before == {name: (out / name).read_bytes() for name in before}  # nothing was overwritten
+
+
+def test_a_bad_validation_file_fails_before_any_feature_is_extracted(token_cache, tmp_path):
+    make_sample_dataset(tmp_path / "small", n_train=12, n_val=4, n_test=1)
+    val_file = dataset_paths("sample", tmp_path / "small")["val_annotations"]
+    data = json.loads(val_file.read_text())
+    del data["annotations"][1]["caption"]
+    val_file.write_text(json.dumps(data))
+    with pytest.raises(TrainingError, match=rf"^{val_file}: .*caption"):
+        train.train(config(tmp_path, tmp_path / "out", data_root=str(tmp_path / "small")))
+    assert not (tmp_path / "features").exists()
+
+
+def test_a_fresh_run_removes_the_weights_an_earlier_run_left(base, token_cache, tmp_path, capsys):
+    """Otherwise "the highest N" (evaluate.latest_weights, 3_Inference) would be the older, longer run's model."""
+    from evaluate import latest_weights
+
+    out = tmp_path / "out"
+    train.train(config(base, out, epochs=2, checkpoint_every=0))
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+    second = train.train(config(base, out, epochs=1, checkpoint_every=0))
+    assert "note: starting afresh in" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*coder-*.pkl")) == ["decoder-1.pkl", "encoder-1.pkl"]
+    assert latest_weights(out)[0] == out / "encoder-1.pkl"
+    assert [m["epoch"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1]
+    assert second["metrics"][0]["val_loss"] == json.loads((out / "metrics.jsonl").read_text())["val_loss"]
+    assert (out / "notes.txt").exists()
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base, token_cache, tmp_path, capsys):
