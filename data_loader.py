@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from torch.utils import data
 from torchvision import transforms
 
+from sample_data import make_sample_dataset
 from vocabulary import Vocabulary, tokenize_annotations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,6 +83,20 @@ def dataset_paths(data_name: str = "coco", root: str | os.PathLike | None = None
         "test_images": root / "images/test",
         "test_annotations": root / "annotations/image_info_test.json",
     }
+
+
+def ready_dataset(data_name: str = "coco", root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """`dataset_paths` of a dataset that is there, as each notebook starts: the sample set is made when missing (from
+    seed 0, then reused); for COCO a FileNotFoundError says how to get its annotation files."""
+    paths = dataset_paths(data_name, root)
+    if data_name == "sample":
+        make_sample_dataset(paths["root"], seed=0)
+        return paths
+    for name in ("train_annotations", "val_annotations"):
+        if not paths[name].exists():
+            raise FileNotFoundError(f"{paths[name]}: missing; run `python prepare_data.py coco --root {paths['root']}`"
+                                    " or start Jupyter with CAPTION_DATA=sample")
+    return paths
 
 
 class UnreadableImage(Exception):

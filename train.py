@@ -113,7 +113,7 @@ class TrainConfig:
     out_dir: str | None = None  # where weights, vocab.pkl, metrics and checkpoint.pt go (default: models, models/sample)
     cache_dir: str = ".cache/features"  # where the feature caches live
     resume: bool = False  # continue from out_dir/checkpoint.pt
-    checkpoint_every: int = 200  # also write checkpoint.pt every this many steps within an epoch (0: epoch ends only)
+    checkpoint_minutes: float = 10.0  # write checkpoint.pt mid-epoch this often (checked every log_every steps)
     log_every: int = 25  # steps between loss read-outs (progress bar, non-finite loss check)
     num_workers: int = 2  # image loading processes
     extract_batch_size: int = 64  # images per ResNet forward while building the cache
@@ -164,9 +164,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.out_dir is None:
         cfg.out_dir = ("models" if cfg.data == "coco" else f"models/{cfg.data}") + ("-blind" if cfg.blind else "")
     for name in ("image_size", "embed_size", "hidden_size", "num_layers", "epochs", "batch_size", "num_workers",
-                 "extract_batch_size", "log_every", "checkpoint_every", "nan_at_step", "vocab_threshold"):
+                 "extract_batch_size", "log_every", "nan_at_step", "vocab_threshold"):
         value = getattr(cfg, name)
-        low = 0 if name in ("num_workers", "checkpoint_every", "nan_at_step") else 1
+        low = 0 if name in ("num_workers", "nan_at_step") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise TrainingError(f"--{name.replace('_', '-')}: must be an integer >= {low}, not {value!r}")
     for name in ("lr", "cnn_lr"):
@@ -175,8 +175,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("dropout", "warmup_fraction", "min_lr_fraction"):
         if not 0 <= getattr(cfg, name) <= 1 or (name == "dropout" and cfg.dropout == 1):
             raise TrainingError(f"--{name.replace('_', '-')}: must be in [0, 1], not {getattr(cfg, name)!r}")
-    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
-        raise TrainingError("--weight-decay and --grad-clip must be >= 0")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0 or not cfg.checkpoint_minutes >= 0:
+        raise TrainingError("--weight-decay, --grad-clip and --checkpoint-minutes must be >= 0")
     if cfg.blind and cfg.train_cnn:
         raise TrainingError("--blind and --train-cnn exclude each other: a blind model never sees the CNN")
     return cfg
@@ -212,6 +212,14 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(device_ids=[self.device.index] if self.cuda else None)
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every process, for decisions all of them must take together (one broadcast)."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([flag], dtype=torch.uint8, device=self.device)
+        dist.broadcast(tensor, 0)
+        return bool(tensor.item())
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of `values` over all processes."""
@@ -956,8 +964,11 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 "try a lower --lr or --grad-clip"
             )
 
+    last_checkpoint = time.perf_counter()
+
     def save_checkpoint(next_epoch: int, next_step: int, progress_now: dict) -> None:
         """checkpoint.pt for continuing at (next_epoch, next_step); checks the loss first; all processes call it."""
+        nonlocal last_checkpoint
         stop_if_diverged()
         if runtime.is_main:
             atomic_torch_save({
@@ -979,6 +990,7 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 "progress": progress_now,
                 "metrics": metrics,
             }, checkpoint_path)
+        last_checkpoint = time.perf_counter()
 
     val_table = None
     if uses_cache or cfg.blind:
@@ -1050,13 +1062,15 @@ def _train(cfg: TrainConfig, runtime: Runtime) -> dict:
                     if profiling:
                         step_profile.step()
                     done = step + 1
-                    if done % cfg.log_every == 0:
-                        stop_if_diverged()
-                        bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
-                                        lr=f"{scheduler.get_last_lr()[0]:.2g}")
-                        window_loss.zero_()
-                        window_tokens = 0
-                    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
+                    if done % cfg.log_every != 0:
+                        continue
+                    stop_if_diverged()
+                    bar.set_postfix(loss=f"{float(window_loss) / max(window_tokens, 1):.3f}",
+                                    lr=f"{scheduler.get_last_lr()[0]:.2g}")
+                    window_loss.zero_()
+                    window_tokens = 0
+                    due = time.perf_counter() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+                    if done < steps_per_epoch and runtime.agree(due):
                         loss_total, tokens_total, captions_total = runtime.sum([float(loss_sum), tokens, captions_seen])
                         seconds = seconds_before + time.perf_counter() - epoch_started
                         save_checkpoint(epoch, done, {"loss_sum": loss_total, "tokens": int(tokens_total),

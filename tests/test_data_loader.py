@@ -29,6 +29,7 @@ from data_loader import (
     image_batches,
     load_coco,
     load_image,
+    ready_dataset,
     resize_side,
 )
 
@@ -427,3 +428,15 @@ def test_cpu_batches_let_large_tensors_reuse_heap_memory_until_the_end(tmp_path)
     assert all(step["mapped"] == 0 for step in later)
     assert sum(step["heap"] == 0 for step in later) >= len(later) // 2  # mostly the freed block, reused
     assert seen["resident_during"] - seen["resident_after"] >= 48 << 20  # kept while batches ran, then returned
+
+
+def test_ready_dataset_makes_the_sample_set_once_and_says_how_to_get_coco(tmp_path):
+    paths = ready_dataset("sample", tmp_path / "sample")
+    train_file = paths["train_annotations"]
+    assert train_file.exists() and len(load_coco(train_file).dataset["images"]) > 0
+    made = train_file.stat().st_mtime_ns
+    assert ready_dataset("sample", tmp_path / "sample") == paths and train_file.stat().st_mtime_ns == made
+
+    with pytest.raises(FileNotFoundError, match=r"captions_train2014.json: missing; run `python prepare_data.py coco "
+                                                rf"--root {tmp_path / 'coco'}`"):
+        ready_dataset("coco", tmp_path / "coco")

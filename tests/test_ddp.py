@@ -30,7 +30,7 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
         f"--log-dir={logs}", str(REPO / "train.py"), "--data", "sample", "--data-root", str(shared / "sample"),
         "--cache-dir", str(cache), "--out-dir", str(out), "--image-size", "32", "--embed-size", "64",
         "--hidden-size", "64", "--num-layers", "2", "--dropout", "0.1", "--batch-size", "16", "--epochs", "2",
-        "--checkpoint-every", "10", "--num-workers", "0",
+        "--checkpoint-minutes", "0", "--log-every", "10", "--num-workers", "0",
     ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     stdout = {rank: next(logs.rglob(f"{rank}/stdout.log")).read_text() for rank in (0, 1)}

@@ -37,7 +37,8 @@ def test_sigkilled_runs_resume_to_the_same_weights(tmp_path_factory, tmp_path):
     command = [
         sys.executable, str(REPO / "train.py"), "--data", "sample", "--data-root", str(shared / "sample"),
         "--cache-dir", str(shared / "features"), "--image-size", "32", "--embed-size", "64", "--hidden-size", "128",
-        "--batch-size", "16", "--epochs", "2", "--checkpoint-every", "7", "--num-workers", "0", "--seed", "3",
+        "--batch-size", "16", "--epochs", "2", "--checkpoint-minutes", "0", "--log-every", "7", "--num-workers", "0",
+        "--seed", "3",
         "--num-layers", "2", "--dropout", "0.1",
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -69,7 +69,7 @@ def cli_error(capsys) -> str:
 def trained(base, token_cache, tmp_path_factory) -> dict:
     """One run of a few hundred steps from the cache, inspected by several tests."""
     out = tmp_path_factory.mktemp("trained")
-    return train.train(config(base, out, epochs=8, checkpoint_every=10))
+    return train.train(config(base, out, epochs=8, checkpoint_minutes=0, log_every=10))
 
 
 def test_loss_goes_down_from_the_cache(trained):
@@ -251,10 +251,10 @@ def test_a_fresh_run_removes_the_weights_an_earlier_run_left(base, token_cache, 
     from evaluate import latest_weights
 
     out = tmp_path / "out"
-    train.train(config(base, out, epochs=2, checkpoint_every=0))
+    train.train(config(base, out, epochs=2))
     (out / "notes.txt").write_text("the user's own file")
     capsys.readouterr()
-    second = train.train(config(base, out, epochs=1, checkpoint_every=0))
+    second = train.train(config(base, out, epochs=1))
     assert "note: starting afresh in" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*coder-*.pkl")) == ["decoder-1.pkl", "encoder-1.pkl"]
     assert latest_weights(out)[0] == out / "encoder-1.pkl"
@@ -267,7 +267,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(base,
     out = tmp_path / "out"
     args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--out-dir", str(out),
             "--image-size", "32", "--embed-size", "64", "--hidden-size", "64", "--batch-size", "32",
-            "--num-workers", "0", "--epochs", "3", "--checkpoint-every", "5", "--log-every", "4",
+            "--num-workers", "0", "--epochs", "3", "--checkpoint-minutes", "0", "--log-every", "4",
             "--nan-at-step", "45"]
     assert train.main(args) == 1
     message = cli_error(capsys)
