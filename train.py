@@ -48,6 +48,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity
 from tqdm.auto import tqdm
 
+try:
+    import fcntl  # POSIX: concurrent runs build each feature cache once
+except ImportError:  # Windows
+    fcntl = None
+
 from data_loader import (
     BucketBatchSampler,
     build_transform,
@@ -388,7 +393,8 @@ class FeatureCache:
 
 def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ...], decode: str) -> dict:
     """Everything the cached features depend on: the backbone's weights, the transform and JPEG decoder, the views,
-    the images."""
+    the images. Not the precision: a GPU's bf16 build and a CPU's float32 one differ by rounding alone (the cache
+    holds float16), so either serves both."""
     listing = hashlib.sha256()
     for image_id, path in zip(split.image_ids, split.paths, strict=True):
         try:
@@ -422,7 +428,8 @@ def feature_cache(
     decode_on_device: bool = False,
     backbone: str | None = None,
 ) -> FeatureCache:
-    """Open the split's cached features, building them first when missing or stale (on rank 0; others wait).
+    """Open the split's cached features, building them first when missing or stale (on rank 0; other ranks, and
+    other runs that want the same cache at the same time, wait for it).
 
     The cache folder is named by a hash of `cache_key`, so a changed image list, image size, view set or backbone
     gives a new folder and an old one is never read; it is written under a temporary name and renamed when
@@ -434,15 +441,32 @@ def feature_cache(
     folder = Path(cache_dir) / f"{split.annotations.stem}-{image_size}px-{digest}"
     built = False
     if runtime.is_main and _read_cache_key(folder) != key:
-        _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers,
-                     decode_on_device)
-        built = True
+        with cache_build_lock(Path(cache_dir)):
+            if _read_cache_key(folder) != key:  # not built by another run while this one waited
+                _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_size, num_workers,
+                             decode_on_device)
+                built = True
     runtime.barrier()
     if _read_cache_key(folder) != key:
         raise TrainingError(f"{folder}: the feature cache is missing or does not match after building it")
     features = np.load(folder / "features.npy", mmap_mode="r")
     readable = np.load(folder / "readable.npy")
     return FeatureCache(folder, features, readable, built)
+
+
+@contextlib.contextmanager
+def cache_build_lock(cache_dir: Path):
+    """Hold `cache_dir`'s build lock: runs started together (a sweep, a notebook beside the CLI) build a cache once,
+    the others wait and then read it, and no run renames or removes a cache folder while another does."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".build.lock", "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another run that is building a feature cache in {cache_dir}", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def _read_cache_key(folder: Path) -> dict | None:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,39 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
     fewer = read_split(paths["val_annotations"], paths["val_images"])
     fewer.image_ids, fewer.paths = fewer.image_ids[:-1], fewer.paths[:-1]  # an image dropped from the list
     assert build(the_split=fewer).built
-    assert not [p for p in (tmp_path / "features").iterdir() if p.name.startswith(".")]  # no temp folders
+    temp_folders = [p for p in (tmp_path / "features").iterdir() if p.is_dir() and p.name.startswith(".")]
+    assert not temp_folders
+
+
+@pytest.mark.skipif(train.fcntl is None, reason="the build lock needs POSIX flock")
+def test_a_run_wanting_a_cache_that_another_run_is_building_waits_and_reuses_it(base, token_cache, tmp_path, capsys):
+    """Two runs started together build a cache once: the second waits on the build lock, then reads the cache."""
+    paths = dataset_paths("sample", base / "sample")
+    split = read_split(paths["val_annotations"], paths["val_images"])
+    cpu = Runtime(torch.device("cpu"))
+    encoder = EncoderCNN(16, pretrained=False, backbone_seed=0)
+    forwards = []
+    encoder.resnet.register_forward_hook(lambda *_: forwards.append(threading.current_thread().name))
+    cache_dir = tmp_path / "features"
+    opened = {}
+
+    def second_run():
+        opened["cache"] = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=cache_dir, runtime=cpu,
+                                        batch_size=16, num_workers=0)
+
+    with train.cache_build_lock(cache_dir):  # the first run is building
+        waiter = threading.Thread(target=second_run, name="second")
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not forwards  # blocked on the lock, not extracting
+        first = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=tmp_path / "elsewhere",
+                              runtime=cpu, batch_size=16, num_workers=0)
+        shutil.copytree(first.path, cache_dir / first.path.name)  # what the first run's build leaves
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert "waiting for another run that is building a feature cache" in capsys.readouterr().out
+    assert not opened["cache"].built and "second" not in forwards
+    np.testing.assert_array_equal(opened["cache"].features, first.features)
 
 
 def test_resume_refuses_another_vocabulary_or_model_shape(trained, base, capsys):
