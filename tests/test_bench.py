@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 POSITIVE_FIGURES = [
@@ -18,6 +20,7 @@ POSITIVE_FIGURES = [
     "training.cache.wall_seconds", "training.cache.setup_seconds", "training.cache.captions_per_s",
     "training.cache.val_loss", "training.cache.cpu_seconds", "training.per_caption.cpu_seconds",
     "training.cache_warm.wall_seconds", "training.cache_warm.setup_seconds", "training.cache_warm.val_loss",
+    "training.cache.captions_per_s_after_first_epoch",
     "training.per_caption.wall_seconds", "training.per_caption.captions_per_s", "training.per_caption.val_loss",
     "training.coco_epoch_seconds",
     "setup.first_seconds", "setup.second_seconds",
@@ -85,6 +88,20 @@ def test_table_reports_every_cpu_target(quick_run):
                      "beam_batched"]
     verdicts = [line.split()[0] for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert verdicts == ["PASS" if t["passed"] else "FAIL" for t in results["targets"]]
+
+
+def test_gpu_targets_read_figures_that_a_run_writes(quick_run):
+    """The GPU targets are checked only on a GPU: their figures must exist in every run's JSON, or the first GPU run
+    would end in a KeyError after all its measurements."""
+    _, results = quick_run
+    checked = {t["name"]: t for t in bench.check_targets(results, bench.GPU_TARGETS)}
+    assert checked["feature_extraction"]["value"] is None and not checked["feature_extraction"]["passed"]
+    training = results["training"]
+    assert checked["decoder_training"]["value"] == training["cache"]["captions_per_s_after_first_epoch"] > 0
+    # a COCO epoch is extrapolated from the epochs after the warm-up one
+    assert checked["coco_epoch"]["value"] == training["coco_epoch_seconds"] == round(
+        bench.COCO_TRAIN2014_CAPTIONS / training["cache"]["captions_per_s_after_first_epoch"], 2)
+    assert checked["beam_decoding"]["value"] == results["decoding"]["beam3_batched_images_per_s"] > 0
 
 
 def test_profile_records_where_each_phase_spends_its_time(quick_run):
