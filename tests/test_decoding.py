@@ -93,6 +93,7 @@ def test_greedy_is_trapped_and_beam_search_finds_the_better_caption():
     assert decoder.beam_search(features, beam_size=1) == [[A, C, END]]
     for beam_size in (2, 3):
         assert decoder.beam_search(features, beam_size=beam_size) == [[B, END]]  # 0.44 * 0.97 = 0.427
+    assert decoder.beam_search(features) == [[B, END]]  # the default width, 3, is a real beam
     (best, best_score), (second, second_score) = decoder.beam_search(features, beam_size=2, top_n=2)[0]
     assert (best, second) == ([B, END], [A, C, END])
     assert best_score == pytest.approx(math.log(0.44 * 0.97), abs=1e-5)
@@ -193,6 +194,42 @@ def test_a_caption_that_never_ends_stops_at_max_len():
     assert ids == [A, B, A, B, A] and score == pytest.approx(5 * math.log(0.9), abs=1e-5)
     assert decoder.beam_search(features, beam_size=2, max_len=1) == [[A]]
     assert decoder.greedy_search(features, max_len=1) == [[A]]
+    generator = torch.Generator().manual_seed(0)
+    drawn = decoder.sample_search(start_from(*[IMAGE] * 200), max_len=5, generator=generator)
+    assert max(len(ids) for ids in drawn) == 5 and all(ids[-1] == END for ids in drawn if len(ids) < 5)
+
+
+def test_beam_search_never_reports_hypotheses_it_did_not_find():
+    # Three words, <end> ruled out first: after one step only <start> and A exist, fewer than top_n=3.
+    decoder = markov_decoder(table({}, vocab=3))
+    [result] = decoder.beam_search(torch.eye(4)[[3]], beam_size=3, max_len=1, top_n=3)
+    assert [ids for ids, _ in result] == [[START], [A]]
+    assert [score for _, score in result] == pytest.approx([math.log(1 / 3)] * 2, abs=1e-5)
+
+
+def test_every_decoder_ends_the_caption_at_the_end_id_it_is_given():
+    decoder = markov_decoder(TRAP)
+    features = start_from(IMAGE)
+    assert decoder.greedy_search(features, end_id=C) == [[A, C]]  # not A C <end>
+    assert decoder.beam_search(features, beam_size=1, end_id=C) == [[A, C]]
+    assert decoder.sample_search(features, top_k=1, end_id=C) == [[A, C]]
+
+
+def test_greedy_search_and_sample_continue_from_the_states_they_are_given():
+    """The template's `sample(inputs, states)`: decoding from the states after a first step continues the caption
+    that decoding from the image gives (a random LSTM, whose states matter)."""
+    decoder = random_decoder(seed=0, num_layers=2, end_bias=0.4)
+    features = torch.randn(10, 12, generator=torch.Generator().manual_seed(1))
+    captions = decoder.greedy_search(features, max_len=12)
+    _, states = decoder.step(features)
+    first = torch.tensor([ids[0] for ids in captions])
+    continued = decoder.greedy_search(decoder.embed(first), max_len=11, states=states)
+    long = [i for i, ids in enumerate(captions) if len(ids) > 2]  # the continuation may not end at once
+    assert len(long) >= 3
+    assert [continued[i] for i in long] == [captions[i][1:] for i in long]
+    i = max(long, key=lambda i: len(set(captions[i])))  # a caption of several words, not one repeated
+    one = (states[0][:, i : i + 1].contiguous(), states[1][:, i : i + 1].contiguous())
+    assert decoder.sample(decoder.embed(first[i : i + 1]).view(1, 1, -1), one, max_len=11) == captions[i][1:]
 
 
 def test_a_batch_of_mixed_lengths_equals_one_image_at_a_time():
@@ -258,6 +295,8 @@ def test_sampling_follows_the_distribution_and_is_repeatable():
     assert [ids[0] for ids in cold].count(A) / len(cold) == pytest.approx(0.61, abs=0.03)
     two = decoder.sample_search(features, top_k=2, generator=torch.Generator().manual_seed(0))
     assert {ids[0] for ids in two} == {A, B}
+    everything = decoder.sample_search(features[:50], top_k=100, generator=torch.Generator().manual_seed(3))
+    assert everything == decoder.sample_search(features[:50], generator=torch.Generator().manual_seed(3))
     again = decoder.sample_search(features[:50], generator=torch.Generator().manual_seed(7))
     assert again == decoder.sample_search(features[:50], generator=torch.Generator().manual_seed(7))
     assert decoder.sample_search(features[:5], top_k=1) == decoder.greedy_search(features[:5])
@@ -274,6 +313,11 @@ def test_bad_arguments_are_refused():
         decoder.beam_search(features, length_penalty=-1)
     with pytest.raises(ValueError, match="temperature"):
         decoder.sample_search(features, temperature=0)
+    with pytest.raises(ValueError, match="beam_size and max_len must be >= 1"):
+        decoder.beam_search(features, max_len=0)
+    for decode in (decoder.greedy_search, decoder.sample_search):
+        with pytest.raises(ValueError, match="max_len must be >= 1, not 0"):
+            decode(features, max_len=0)
 
 
 def test_no_images_give_no_captions():

@@ -221,9 +221,18 @@ def test_data_parallel_prefix_and_missing_lstm_biases_are_accepted(tmp_path):
         (lambda s: {**s, "init_h.weight": torch.zeros(HIDDEN, 2048)}, "layers this DecoderRNN does not have"),
         (lambda s: {k: v for k, v in s.items() if not k.startswith("lstm.")}, "no LSTM weights"),
         (lambda s: {**s, "fc.weight": torch.zeros(VOCAB + 1, HIDDEN)}, "output layer"),
-        (lambda s: {**s, "lstm.weight_ih_l0": torch.zeros(3 * HIDDEN, EMBED)}, "not an LSTM"),
+        (lambda s: {**s, "lstm.weight_ih_l0": torch.zeros(3 * HIDDEN, EMBED)},
+         r"not an LSTM \(a GRU or RNN\?\)"),
         (lambda s: {**s, "lstm.weight_ih_l0_reverse": torch.zeros(4 * HIDDEN, EMBED)}, "bidirectional"),
         (lambda s: [1, 2, 3], "not a state dict"),
+        # a training checkpoint instead of the weights file
+        (lambda s: {"decoder": s, "epoch": 3}, r"not a state dict \(a dict of tensors\), got dict"),
+        (lambda s: {**s, "fc.weight": torch.zeros(VOCAB + 1, HIDDEN), "fc.bias": torch.zeros(VOCAB + 1)},
+         f"the embedding has {VOCAB} words but the output layer {VOCAB + 1}"),
+        (lambda s: {**s, "fc.bias": torch.zeros(VOCAB + 1)},
+         r"cannot tell which layer is the output layer \(layers"),
+        (lambda s: {**s, "position.weight": torch.zeros(VOCAB, EMBED)},
+         r"cannot tell which layer is the word embedding \(candidates embed, position\)"),
     ],
 )
 def test_decoders_of_other_architectures_are_refused(tmp_path, change, message):
@@ -234,10 +243,57 @@ def test_decoders_of_other_architectures_are_refused(tmp_path, change, message):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_broken_train_config_is_reported(files, tmp_path):
+@pytest.mark.parametrize("image_size", ['"big"', "0", "-3", "true", "2.5"])
+def test_a_broken_train_config_is_reported(files, tmp_path, image_size):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "encoder-1.pkl").symlink_to(files["encoder"])
-    (folder / "train_config.json").write_text('{"image_size": "big"}')
+    (folder / "train_config.json").write_text(f'{{"image_size": {image_size}}}')
     with pytest.raises(WeightsFileError, match="train_config.json: image_size must be a positive integer"):
         load_encoder(folder / "encoder-1.pkl")
+
+
+@pytest.mark.parametrize("lstm", ["lstm", "rnn"])
+def test_a_decoder_whose_embed_and_hidden_sizes_are_equal_loads_by_role(tmp_path, lstm):
+    """The seed configuration (embed 512 = hidden 512): the output layer's [V, H] weight then has the embedding's
+    shape, and only its bias tells the two apart. The LSTM is found by its weights' names whatever its own."""
+    torch.manual_seed(0)
+    original = DecoderRNN(HIDDEN, HIDDEN, VOCAB, num_layers=2).eval()
+    path = tmp_path / "decoder-1.pkl"
+    state = rename(original.state_dict(), "word_embeddings", "hidden2vocab")
+    torch.save({k.replace("lstm.", f"{lstm}.", 1): v for k, v in state.items()}, path)
+    loaded = load_decoder(path)
+    sizes = (loaded.embed_size, loaded.hidden_size, loaded.vocab_size, loaded.num_layers)
+    assert sizes == (HIDDEN, HIDDEN, VOCAB, 2)
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_an_encoder_saved_in_half_precision_loads_in_float32(files, tmp_path):
+    state = torch.load(files["encoder"], weights_only=True)
+    path = tmp_path / "encoder-1.pkl"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    encoder = load_encoder(path)
+    assert all(p.dtype == torch.float32 for p in encoder.state_dict().values() if p.is_floating_point())
+    with torch.no_grad():
+        features = encoder(files["images"])
+    scale = float(files["features"].abs().max())
+    assert torch.allclose(features, files["features"], rtol=0.05, atol=0.05 * scale)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: {**s, "embed.weight": torch.zeros(EMBED, 1024)},
+         r"needs embed.weight of shape \[E, 2048\]"),
+        (lambda s: {k: v for k, v in s.items() if k.startswith("embed.")}, r"no resnet\.\* backbone weights"),
+        # a bare ResNet-50, such as torchvision's ImageNet weights
+        (lambda s: {k[7:]: v for k, v in s.items() if k.startswith("resnet.")}, "needs embed.weight"),
+    ],
+)
+def test_files_that_are_not_encoders_are_refused(files, tmp_path, change, message):
+    path = tmp_path / "encoder-1.pkl"
+    torch.save(change(torch.load(files["encoder"], weights_only=True)), path)
+    with pytest.raises(WeightsFileError, match=message) as error:
+        load_encoder(path)
+    text = str(error.value)
+    assert text.startswith(f"{path}: not an encoder weights file") and "\n" not in text

@@ -117,6 +117,7 @@ def test_frozen_backbone_runs_with_its_batchnorms_folded_and_follows_weight_chan
 
     # new weights (load_state_dict, as load_pretrained does) give their own features, not the old fold's
     reloaded = EncoderCNN(EMBED, pretrained=False, backbone_seed=1)
+    own_weights = {k: v.clone() for k, v in reloaded.state_dict().items()}
     before = reloaded.backbone(images)
     reloaded.load_state_dict(encoder.state_dict())
     assert torch.equal(reloaded.backbone(images), folded_features)
@@ -124,12 +125,28 @@ def test_frozen_backbone_runs_with_its_batchnorms_folded_and_follows_weight_chan
     in_double = reloaded.backbone(images.double()).float()
     assert torch.allclose(in_double, folded_features, rtol=1e-4, atol=1e-5 * unfolded.abs().max())
     assert not torch.allclose(before, folded_features)
+    # and weights assigned anew (load_state_dict(assign=True) of fresh tensors, whose version counters all read 0)
+    for state, expected in ((encoder.state_dict(), folded_features), (own_weights, before)):
+        reloaded.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        assert torch.equal(reloaded.backbone(images), expected)
 
     # fine-tuning never folds: an optimizer may change resnet.7 without a trace
     fine_tuned = EncoderCNN(EMBED, pretrained=False, train_cnn=True)
     with torch.no_grad():
-        fine_tuned.backbone(images)
+        assert not fine_tuned.backbone(images).requires_grad  # no graph kept when no gradient is wanted
     assert fine_tuned._folded == (None, None)
+
+
+def test_a_backbone_put_in_training_mode_by_hand_runs_its_real_batchnorms(images):
+    """`encoder.resnet.train()` (to re-estimate BatchNorm statistics on new images) is not folded away: the batch
+    statistics are used and the running ones updated."""
+    encoder = EncoderCNN(EMBED, pretrained=False)
+    encoder.resnet.train()
+    before = batchnorm_state(encoder)
+    encoder.backbone(images)
+    after = batchnorm_state(encoder)
+    assert not torch.equal(before["resnet.1.running_mean"], after["resnet.1.running_mean"])
+    assert encoder._folded == (None, None)
 
 
 def test_random_backbone_depends_only_on_its_seed(encoder):
@@ -291,3 +308,11 @@ def test_devices_that_are_not_here_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_auto_device_is_the_best_one_present():
+    from model import resolve_device
+
+    present = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto") == resolve_device() == torch.device(present)
+    assert torch.ones(1, device=resolve_device("auto")).sum().item() == 1

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def test_loss_goes_down_from_the_cache(trained):
     train_losses = [m["train_loss"] for m in metrics]
     val_losses = [m["val_loss"] for m in metrics]
     assert train_losses[-1] < 0.6 * train_losses[0]
+    assert 0.5 < train_losses[-1] / val_losses[-1] < 2  # both are mean cross-entropies per word
     assert val_losses[-1] < val_losses[0] - 0.5
     assert all(math.isclose(m["val_perplexity"], math.exp(m["val_loss"]), rel_tol=1e-9) for m in metrics)
     assert all(m["captions_per_second"] > 0 for m in metrics)
@@ -265,6 +267,21 @@ def test_resume_refuses_another_vocabulary_or_model_shape(trained, base, capsys)
     assert "--epochs 9: the checkpoint was trained with 8" in cli_error(capsys)
     assert train.main(args + ["--hidden-size", "64", "--epochs", "8", "--lr", "0.5"]) == 2
     assert "--lr 0.5: the checkpoint was trained with 0.003" in cli_error(capsys)
+    assert train.main(args + ["--hidden-size", "64", "--epochs", "8", "--backbone-seed", "1"]) == 2
+    assert "trained on another ResNet-50 backbone" in cli_error(capsys)
+    # every setting that shapes the run must match (checked in order: the first that differs is named)
+    checkpoint = train.load_checkpoint(out / "checkpoint.pt")
+    cfg = TrainConfig(**checkpoint["config"])
+    vocab = Vocabulary.load(out / "vocab.pkl")
+    backbone = checkpoint["backbone_fingerprint"]
+    train.check_resumable(checkpoint, cfg, vocab, backbone, 1, out / "checkpoint.pt")  # the same run: fine
+    for name in train.RESUME_MUST_MATCH:
+        other = replace(cfg, **{name: not getattr(cfg, name) if isinstance(getattr(cfg, name), bool)
+                                else getattr(cfg, name) + 1})
+        with pytest.raises(TrainingError, match=f"cannot resume with --{name.replace('_', '-')} "):
+            train.check_resumable(checkpoint, other, vocab, backbone, 1, out / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="cannot resume on 2 processes: it was written by a run on 1"):
+        train.check_resumable(checkpoint, cfg, vocab, backbone, 2, out / "checkpoint.pt")
     assert before == {name: (out / name).read_bytes() for name in before}  # nothing was overwritten
 
 
@@ -286,6 +303,8 @@ def test_a_fresh_run_removes_the_weights_an_earlier_run_left(base, token_cache, 
     out = tmp_path / "out"
     train.train(config(base, out, epochs=2))
     (out / "notes.txt").write_text("the user's own file")
+    for name in ("encoder-12.pkl", "decoder-12.pkl"):  # what a longer run before it left
+        shutil.copy(out / name.replace("12", "2"), out / name)
     capsys.readouterr()
     second = train.train(config(base, out, epochs=1))
     assert "note: starting afresh in" in capsys.readouterr().out
@@ -325,6 +344,14 @@ def test_mirror_caches_and_trains_on_both_views(base, token_cache, tmp_path, cap
     mirrored = train.train(config(base, tmp_path / "mirrored", mirror=True, **small))
     features = np.load(Path(mirrored["cache"]) / "features.npy", mmap_mode="r")
     assert features.shape == (30, 2, 2048) and not np.array_equal(features[:, 0], features[:, 1])
+    # the mirror views are trained on: give them to other images (the feature statistics stay the same) and the
+    # same run, from the same cache, learns other weights
+    cache = np.load(Path(mirrored["cache"]) / "features.npy", mmap_mode="r+")
+    cache[:, 1] = np.roll(np.array(cache[:, 1]), 1, axis=0)
+    cache.flush()
+    del cache
+    shuffled = train.train(config(base, tmp_path / "shuffled", mirror=True, **small))
+    assert not shuffled["cache_built"] and shuffled["weights_sha256"] != mirrored["weights_sha256"]
     plain = train.train(config(base, tmp_path / "plain", **small))
     assert np.load(Path(plain["cache"]) / "features.npy", mmap_mode="r").shape == (30, 1, 2048)
     assert mirrored["weights_sha256"] != plain["weights_sha256"]
@@ -353,11 +380,116 @@ def test_image_paths_without_cache_and_with_cnn_fine_tuning(base, token_cache, t
     assert set(state) == set(initial)
 
 
+def test_grad_clip_bounds_the_gradient_norm(base, token_cache, tmp_path):
+    """Clipped to a norm far below Adam's epsilon, the updates all but vanish: the model stays near its start."""
+    make_sample_dataset(tmp_path / "small", n_train=30, n_val=6, n_test=1)
+    small = dict(data_root=str(tmp_path / "small"), epochs=1, batch_size=16, vocab_threshold=1, lr=1e-2)
+    free = train.train(config(base, tmp_path / "free", **small))
+    clipped = train.train(config(base, tmp_path / "clipped", grad_clip=1e-9, **small))
+    assert clipped["val_loss"] > free["val_loss"] + 0.5  # 4.37 against 3.53 on 17 steps
+
+
+def test_statistics_without_a_cache_come_from_the_images_as_the_cache_would_give(base, token_cache, tmp_path):
+    """--no-cache standardises the features with statistics of up to STATS_IMAGES images: here, all of them."""
+    paths = dataset_paths("sample", base / "sample")
+    split = read_split(paths["val_annotations"], paths["val_images"])
+    cpu = Runtime(torch.device("cpu"))
+    encoder = EncoderCNN(16, pretrained=False, backbone_seed=0)
+    cache = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=base / "features", runtime=cpu,
+                          batch_size=16, num_workers=0)
+    cfg = resolve_config(config(base, tmp_path / "out"))
+    sampled_mean, sampled_std = train.sampled_feature_stats(encoder, split.paths, cfg, cpu)
+    cached_mean, cached_std = train.feature_stats(cache.features, cache.readable)
+    torch.testing.assert_close(sampled_mean, cached_mean, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(sampled_std, cached_std, rtol=0.05, atol=0.02)
+
+
+def test_resume_refuses_a_checkpoint_whose_weights_or_epoch_length_do_not_fit(trained, base, tmp_path, capsys):
+    checkpoint = train.load_checkpoint(Path(trained["out_dir"]) / "checkpoint.pt")
+    args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--image-size", "32",
+            "--embed-size", "64", "--hidden-size", "64", "--batch-size", "32", "--epochs", "8", "--resume"]
+    for name, change, expected in [
+        ("weights", lambda c: c["model"].pop("decoder.fc.weight"), "its model weights do not fit this model"),
+        ("steps", lambda c: c.update(steps_per_epoch=c["steps_per_epoch"] + 1), "its epochs have"),
+    ]:
+        out = tmp_path / name
+        shutil.copytree(trained["out_dir"], out)
+        tampered = train.load_checkpoint(out / "checkpoint.pt")
+        change(tampered)
+        torch.save(tampered, out / "checkpoint.pt")
+        assert train.main(args + ["--out-dir", str(out)]) == 2
+        assert expected in cli_error(capsys)
+    assert checkpoint["steps_per_epoch"] > 0
+
+
+def test_an_image_path_run_stopped_mid_epoch_resumes_at_its_batch(base, token_cache, tmp_path):
+    """--no-cache --resume continues the DataLoader at the checkpoint's batch: the epoch still has its own number of
+    optimiser steps, not those before the stop plus a whole epoch more."""
+    make_sample_dataset(tmp_path / "small", n_train=20, n_val=4, n_test=1)
+    out = tmp_path / "out"
+    small = dict(data_root=str(tmp_path / "small"), epochs=1, batch_size=8, vocab_threshold=1, cache=False,
+                 checkpoint_minutes=0, log_every=2)
+    with pytest.raises(TrainingDiverged):
+        train.train(config(base, out, nan_at_step=7, **small))
+    stopped = train.load_checkpoint(out / "checkpoint.pt")
+    assert stopped["step"] == 6 < stopped["steps_per_epoch"]
+    train.train(config(base, out, resume=True, **small))
+    final = train.load_checkpoint(out / "checkpoint.pt")
+    assert final["global_step"] == final["steps_per_epoch"] == final["scheduler"]["last_epoch"]
+
+
+def test_a_caption_file_without_captions_is_refused_by_name(tmp_path):
+    empty = tmp_path / "captions.json"
+    empty.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
+    with pytest.raises(TrainingError, match=f"^{empty}: has no caption annotations"):
+        read_split(empty, tmp_path)
+
+
 def test_blind_baseline_trains_on_zero_features(base, token_cache, tmp_path):
     result = train.train(config(base, tmp_path / "blind", epochs=1, blind=True))
     assert result["cache"] is None and math.isfinite(result["val_loss"])
     checkpoint = torch.load(tmp_path / "blind" / "checkpoint.pt", weights_only=True)
     assert not checkpoint["model"]["feature_mean"].any() and (checkpoint["model"]["feature_std"] == 1).all()
+
+
+def test_caption_table_pairs_every_caption_with_its_own_image_row(base, token_cache, tmp_path):
+    paths = dataset_paths("sample", base / "sample")
+    split = read_split(paths["val_annotations"], paths["val_images"])
+    vocab = Vocabulary(1, str(tmp_path / "vocab.pkl"), annotations_file=str(paths["val_annotations"]))
+    readable = np.ones(len(split.image_ids), dtype=bool)
+    readable[[0, 7]] = False
+    table = caption_table(split, vocab, readable)
+    texts = {ann["id"]: ann["caption"] for ann in json.loads(paths["val_annotations"].read_text())["annotations"]}
+    unreadable = {split.image_ids[0], split.image_ids[7]}
+    kept = [(ann_id, image_id) for ann_id, image_id in split.captions if image_id not in unreadable]
+    assert len(table.rows) == len(kept) and table.left_out == len(split.captions) - len(kept) > 0
+    for i, (ann_id, image_id) in enumerate(kept):
+        assert split.image_ids[table.rows[i]] == image_id
+        ids = table.tokens[i, : table.lengths[i]].tolist()
+        assert ids == vocab.encode(texts[ann_id])
+        assert not table.tokens[i, table.lengths[i] :].any()
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_down_to_its_floor():
+    factors = [train.lr_factor(step, total_steps=104, warmup_steps=4, min_fraction=0.1) for step in range(104)]
+    assert factors[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # the peak at the first step after the warm-up
+    assert factors[54] == pytest.approx(0.55)  # half-way through the cosine: half-way between peak and floor
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3) and min(factors) >= 0.1
+    assert (np.diff(factors[3:]) <= 0).all()  # never rises after the peak
+    assert train.lr_factor(0, total_steps=10, warmup_steps=0, min_fraction=0.0) == 1.0
+
+
+def test_feature_stats_leave_out_unreadable_images_and_floor_the_spread():
+    features = np.zeros((3, 2, 2048), dtype=np.float16)
+    features[0, :, 0], features[2, :, 0] = (1.0, 3.0), (5.0, 7.0)  # dimension 0 varies: values 1, 3, 5, 7
+    features[1] = 1000  # an unreadable image's row: whatever it holds must not count
+    features[:, :, 1] = 2.0  # dimension 1 is constant
+    mean, std = train.feature_stats(features, np.array([True, False, True]))
+    assert mean[0] == 4.0 and std[0] == pytest.approx(np.std([1.0, 3.0, 5.0, 7.0]))
+    assert mean[1] == 2.0 and mean[2:].abs().max() == 0
+    # a constant dimension gets a small positive spread instead of 0 (standardising by it would divide by zero)
+    floor = 0.01 * np.std([1.0, 3.0, 5.0, 7.0]) / 2048 + 1e-6  # 1% of the mean spread (only dimension 0 has one)
+    assert std[1] == pytest.approx(floor, rel=1e-4) and (std[1:] == std[1]).all()
 
 
 def test_presets_fill_only_what_is_not_set():
@@ -401,6 +533,7 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
         (["--epochs", "0"], "--epochs: must be an integer >= 1"),
         (["--device", "tpu"], "--device"),
         (["--blind", "--train-cnn"], "exclude each other"),
+        (["--dropout", "1"], "--dropout: must be in [0, 1]"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(extra, expected, tmp_path, capsys):

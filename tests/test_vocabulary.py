@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,12 @@ def test_ids_threshold_and_first_appearance_order(tmp_path):
     assert len(Vocabulary(1, str(tmp_path / "v1.pkl"), annotations_file=str(ann))) == 13
 
 
+def test_word_ids_follow_first_appearance_not_frequency(tmp_path):
+    ann = write_captions(tmp_path / "c.json", ["a cat", "the dog", "the dog sleeps", "the dog"])
+    vocab = Vocabulary(1, str(tmp_path / "vocab.pkl"), annotations_file=str(ann))
+    assert [vocab.idx2word[i] for i in range(3, len(vocab))] == ["a", "cat", "the", "dog", "sleeps"]
+
+
 def test_encode_decode_round_trip(tmp_path):
     ann = write_captions(tmp_path / "c.json", CAPTIONS)
     vocab = Vocabulary(1, str(tmp_path / "vocab.pkl"), annotations_file=str(ann))
@@ -134,6 +141,12 @@ def test_encode_decode_round_trip(tmp_path):
     assert vocab.decode(ids) == "a cat and a dog ."
     assert vocab.decode(ids + [vocab("dog"), vocab("runs")]) == "a cat and a dog ."  # stops at <end>
     assert vocab.decode([vocab("a"), vocab("unicorn")]) == "a <unk>"
+    assert vocab.decode([vocab("a"), 999]) == "a <unk>"  # an id beyond the table
+    import torch
+
+    assert vocab.decode(torch.tensor(ids)) == vocab.decode(ids)  # a tensor row, as decoders hold them
+    expected = [vocab.start_id, vocab("a"), vocab("cat"), vocab("<unk>"), vocab.end_id]
+    assert vocab.encode(["a", "cat", "unicorn"]) == expected  # tokens already split are not split again
     assert tokenize("Two men, one dog.") == ["two", "men", ",", "one", "dog", "."]
 
 
@@ -165,6 +178,27 @@ def test_tokenized_once_and_cached(tmp_path):
     assert tokenize_annotations(ann) is not first  # a changed file is re-tokenized
 
 
+def test_tokens_cached_on_disk_serve_a_new_process_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    import vocabulary
+
+    monkeypatch.setattr(vocabulary, "CACHE_DIR", tmp_path / "cache")
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    first = tokenize_annotations(ann)
+    [cache_file] = (tmp_path / "cache").iterdir()
+    vocabulary.forget_tokens_in_memory()  # as a new process
+
+    def no_tokenizing(caption):
+        raise AssertionError("tokenized again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vocabulary, "tokenize", no_tokenizing)
+        assert tokenize_annotations(ann) == first and 100 in first  # ids are ints again, not JSON's strings
+    cache_file.write_text('{"100": ["a", "do')  # torn
+    vocabulary.forget_tokens_in_memory()
+    assert tokenize_annotations(ann) == first
+    assert json.loads(cache_file.read_text())["100"] == first[100]
+
+
 @pytest.mark.parametrize("protocol", [3, 4])
 def test_template_pickles_load(tmp_path, protocol):
     ann = write_captions(tmp_path / "c.json", CAPTIONS)
@@ -178,7 +212,18 @@ def test_template_pickles_load(tmp_path, protocol):
     assert vocab.decode(vocab.encode("the dog runs")) == "the dog runs"  # methods work on a template object
     # The template's way of loading through the constructor works too.
     again = Vocabulary(None, str(pkl), vocab_from_file=True)
-    assert again.idx2word == vocab.idx2word
+    assert again.idx2word == vocab.idx2word and again.idx == vocab.idx
+
+
+def test_loading_through_the_constructor_keeps_the_files_special_words(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    pkl = tmp_path / "vocab.pkl"
+    built = Vocabulary(1, str(pkl), "<s>", "</s>", "<?>", str(ann))
+    # the constructor's defaults are <start> <end> <unk>: the file's words must win
+    loaded = Vocabulary(None, str(pkl), vocab_from_file=True)
+    assert (loaded.start_word, loaded.end_word, loaded.unk_word) == ("<s>", "</s>", "<?>")
+    assert set(vars(loaded)) == TEMPLATE_ATTRIBUTES and loaded.idx == built.idx == len(built)
+    assert loaded.decode(loaded.encode("a unicorn")) == "a <?>"
 
 
 def test_our_pickle_loads_with_plain_pickle_and_in_the_template(tmp_path):
@@ -191,6 +236,7 @@ def test_our_pickle_loads_with_plain_pickle_and_in_the_template(tmp_path):
         cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert plain.stdout.split() == [str(len(ours)), str(ours("dog"))]
+    assert pkl.read_bytes()[:2] == b"\x80\x04"  # protocol 4, as the template's readers expect
     template = run_template(
         tmp_path, f"import pickle; v = pickle.load(open({str(pkl)!r}, 'rb')); print(type(v).__module__, len(v), v('cat'))"
     )
@@ -214,6 +260,39 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
     pickle.loads(evil.read_bytes())  # the same bytes really do run a command when unpickled naively
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("builtins", "eval"), ("builtins", "exec"),
+     ("__builtin__", "eval"),  # Python 2's name, which protocols 0-2 use
+     ("builtins", "getattr"), ("builtins", "__import__"), ("builtins", "open"), ("subprocess", "Popen"),
+     ("vocabulary", "tokenize_annotations")],
+)
+def test_pickles_naming_anything_but_the_vocabulary_and_containers_are_refused(tmp_path, module, name):
+    marker = tmp_path / "the-pickle-ran-code"
+    argument = f"open({str(marker)!r}, 'w')" if name in ("eval", "exec") else str(marker)
+    evil = tmp_path / "vocab.pkl"
+    call = b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps((argument,), 2)[2:-1] + b"R."
+    evil.write_bytes(call)  # module.name(argument)
+    shown = "builtins" if module == "__builtin__" else module
+    refused = rf"vocab\.pkl: refused to load: the pickle references {shown}\.{name},"
+    with pytest.raises(VocabularyError, match=refused):
+        Vocabulary.load(evil)
+    assert not marker.exists()
+
+
+def test_fingerprint_tells_id_tables_apart(tmp_path):
+    ann = write_captions(tmp_path / "c.json", CAPTIONS)
+    pkl = tmp_path / "vocab.pkl"
+    vocab = Vocabulary(1, str(pkl), annotations_file=str(ann))
+    assert Vocabulary.load(pkl).fingerprint() == vocab.fingerprint()
+    assert len(vocab.fingerprint()) == 16 and int(vocab.fingerprint(), 16) >= 0
+    swapped = Vocabulary.load(pkl)  # the same words, two of them with each other's ids
+    first, second = swapped.idx2word[3], swapped.idx2word[4]
+    swapped.idx2word[3], swapped.idx2word[4] = second, first
+    swapped.word2idx[first], swapped.word2idx[second] = 4, 3
+    assert swapped.fingerprint() != vocab.fingerprint()
 
 
 def test_bad_files_give_clear_errors(tmp_path):
@@ -241,6 +320,27 @@ def test_bad_files_give_clear_errors(tmp_path):
     null_caption.write_text(json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1, "caption": None}]}))
     with pytest.raises(ValueError, match="null.json.*with str captions"):  # not tokenized as the word "none"
         Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(null_caption))
+    for name, annotation in [("no_caption", {"id": 1, "image_id": 1, "text": "a dog"}),
+                             ("no_id", {"image_id": 1, "caption": "a dog"})]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"images": [], "annotations": [annotation]}))
+        with pytest.raises(ValueError, match=f"{name}.json: not a COCO caption file"):
+            Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(tmp_path / f"{name}.json"))
+    instances = tmp_path / "instances.json"  # a COCO file without captions, e.g. the Karpathy split's
+    instances.write_text(json.dumps({"images": [{"id": 1}]}))
+    with pytest.raises(ValueError, match="instances.json: not a COCO caption file"):
+        Vocabulary(1, str(tmp_path / "x.pkl"), annotations_file=str(instances))
+    with pytest.raises(VocabularyError, match="nothing.pkl: no vocabulary file to load"):
+        Vocabulary(None, str(tmp_path / "nothing.pkl"), vocab_from_file=True)
+    disagreeing = Vocabulary(1, str(tmp_path / "disagreeing.pkl"), annotations_file=str(ann))
+    del disagreeing.idx2word[3]
+    disagreeing.save(tmp_path / "disagreeing.pkl")
+    with pytest.raises(VocabularyError, match="disagreeing.pkl: word2idx and idx2word disagree"):
+        Vocabulary.load(tmp_path / "disagreeing.pkl")
+    impostor = OrderedDict()  # an allowed container that carries the attributes, but no Vocabulary
+    impostor.word2idx, impostor.idx2word = {"<start>": 0}, {0: "<start>"}
+    (tmp_path / "impostor.pkl").write_bytes(pickle.dumps(impostor, protocol=4))
+    with pytest.raises(VocabularyError, match="impostor.pkl: the pickle does not hold a Vocabulary"):
+        Vocabulary.load(tmp_path / "impostor.pkl")
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
