@@ -141,9 +141,11 @@ def _fetch_once(url: str, part: Path, expected_size: int | None) -> None:
             raise TransientError(f"HTTP {err.code} {err.reason}") from None
         raise PrepareError(f"{url}: HTTP {err.code} {err.reason}") from None
     with response:
-        resumed_at = _content_range(response.headers.get("Content-Range"))[0] if response.status == 206 else 0
-        if offset and resumed_at != offset:
-            offset = 0  # the server ignored the Range request: take the whole file from the start
+        if response.status == 206 and _content_range(response.headers.get("Content-Range"))[0] != offset:
+            part.unlink()  # a part of the file, but not the one asked for: appending it would corrupt the file
+            raise TransientError(f"the server resumed at another byte than {offset}; starting over")
+        if response.status != 206:
+            offset = 0  # the server ignored the Range request (or none was sent): take the whole file
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
         if expected_size is not None and total is not None and total != expected_size:

@@ -4,7 +4,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,6 +81,8 @@ class Server:
         self.requests: list[tuple[str, str | None]] = []  # (file name, Range header)
         self.drop_once: set[str] = set()  # names whose first response stops half way
         self.status: dict[str, int] = {}  # names answered with this HTTP status instead
+        self.ignore_range: set[str] = set()  # names always answered 200 with the whole file
+        self.shift_range: set[str] = set()  # names whose 206 answers start 10 bytes before the byte asked for
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mirror"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
@@ -106,8 +110,8 @@ class Server:
                 data = server.files[name]
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match:
-                    start = int(match.group(1))
+                if match and name not in server.ignore_range:
+                    start = max(0, int(match.group(1)) - 10 * (name in server.shift_range))
                     if start >= len(data):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -241,6 +245,72 @@ def test_size_mismatch_is_refused_before_downloading(tmp_path, server):
     assert not (tmp_path / "val2014.zip").exists()
 
 
+def test_server_size_disagreeing_with_the_table_is_refused_before_writing(tmp_path, server, archives):
+    data = archives["val2014.zip"]
+    url, part = f"{server.url}/val2014.zip", tmp_path / "val2014.zip.part"
+    part.write_bytes(data[:100])
+    with pytest.raises(prepare_data.PrepareError) as error:
+        prepare_data.download(url, tmp_path / "val2014.zip", len(data) + 1000, retries=0)
+    assert str(error.value) == f"{url}: the server has {len(data):,} bytes, expected {len(data) + 1000:,}"
+    assert part.read_bytes() == data[:100]  # nothing of the body was appended
+    assert server.requests == [("val2014.zip", "bytes=100-")]
+
+
+def test_existing_dest_of_the_wrong_size_is_downloaded_again(tmp_path, server, archives):
+    data = archives["val2014.zip"]
+    dest = tmp_path / "val2014.zip"
+    dest.write_bytes(data[:-1])
+    prepare_data.download(f"{server.url}/val2014.zip", dest, len(data), retries=0)
+    assert dest.read_bytes() == data
+    assert server.requests == [("val2014.zip", None)]
+    prepare_data.download(f"{server.url}/val2014.zip", dest, len(data), retries=0)
+    assert len(server.requests) == 1  # now of the right size: kept as it is
+
+
+def test_part_file_larger_than_expected_is_discarded(tmp_path, server, archives):
+    data = archives["val2014.zip"]
+    dest = tmp_path / "val2014.zip"
+    dest.with_name("val2014.zip.part").write_bytes(data + b"stale tail")
+    prepare_data.download(f"{server.url}/val2014.zip", dest, len(data), retries=0)
+    assert dest.read_bytes() == data
+    assert server.requests == [("val2014.zip", None)]
+
+
+def test_refused_resume_with_another_total_starts_over(tmp_path, server, archives):
+    """Size unknown, the .part is longer than the file: 416 with another total, so the .part goes."""
+    data = archives["caption_datasets.zip"]
+    dest = tmp_path / "caption_datasets.zip"
+    dest.with_name("caption_datasets.zip.part").write_bytes(data + b"stale tail")
+    prepare_data.download(f"{server.url}/caption_datasets.zip", dest, retries=1, backoff=0)
+    assert dest.read_bytes() == data
+    name = "caption_datasets.zip"
+    assert server.requests == [(name, f"bytes={len(data) + 10}-"), (name, None)]
+
+
+@pytest.mark.parametrize("size_known", [True, False])
+def test_server_ignoring_range_gets_the_whole_file_written_afresh(tmp_path, server, archives, size_known):
+    server.ignore_range.add("train2014.zip")
+    data = archives["train2014.zip"]
+    dest = tmp_path / "train2014.zip"
+    dest.with_name("train2014.zip.part").write_bytes(data[:100])
+    prepare_data.download(f"{server.url}/train2014.zip", dest, len(data) if size_known else None, retries=0)
+    assert dest.read_bytes() == data
+    assert server.requests == [("train2014.zip", "bytes=100-")]
+
+
+def test_a_resume_answered_from_another_byte_is_discarded_not_appended(tmp_path, server, archives, capsys):
+    """A 206 from another byte than asked (a broken proxy) would leave a file with a repeated stretch inside: the part
+    is dropped and the file fetched whole, also where no size or md5 could catch the damage."""
+    server.shift_range.add("train2014.zip")
+    data = archives["train2014.zip"]
+    dest = tmp_path / "train2014.zip"
+    dest.with_name("train2014.zip.part").write_bytes(data[:100])
+    prepare_data.download(f"{server.url}/train2014.zip", dest, retries=1, backoff=0)
+    assert dest.read_bytes() == data
+    assert server.requests == [("train2014.zip", "bytes=100-"), ("train2014.zip", None)]
+    assert "resumed at another byte than 100; starting over" in capsys.readouterr().err
+
+
 def test_transient_errors_are_retried_a_bounded_number_of_times(tmp_path, server, small_tables, capsys):
     server.status["annotations_trainval2014.zip"] = 503
     assert run("--root", str(tmp_path), "--base-url", server.url, "--only", "annotations", *FAST) == 2
@@ -276,6 +346,22 @@ def test_corrupt_zip_is_removed_and_downloaded_again(tmp_path, server, small_tab
     assert run("--root", str(root), "--base-url", server.url, "--only", "annotations", *FAST) == 0
     assert server.names() == ["caption_datasets.zip"]
     assert (root / "annotations" / "dataset_coco.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["marker records another md5", "unpacked folder deleted"])
+def test_rerun_unpacks_again_what_no_longer_matches(tmp_path, server, small_tables, archives, damage):
+    root = tmp_path / "coco"
+    assert run("--root", str(root), "--base-url", server.url, "--only", "images", *FAST) == 0
+    marker, folder = root / "downloads" / "val2014.zip.done", root / "images" / "val2014"
+    if damage == "marker records another md5":
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "md5": "0" * 32}))
+    else:
+        shutil.rmtree(folder)
+    server.requests.clear()
+    assert run("--root", str(root), "--base-url", server.url, "--only", "images", *FAST) == 0
+    assert server.names() == ["val2014.zip"]
+    assert len(list(folder.glob("*.jpg"))) == IMAGE_COUNTS["val2014"]
+    assert json.loads(marker.read_text())["md5"] == hashlib.md5(archives["val2014.zip"]).hexdigest()
 
 
 def test_zip_members_cannot_escape_the_root(tmp_path, server, small_tables, monkeypatch):
@@ -345,6 +431,19 @@ def test_check_complete_and_incomplete_trees(tmp_path, server, small_tables, cap
     assert run("--root", str(root), "--check") == 2
 
 
+def test_check_counts_only_jpg_files(tmp_path, small_tables):
+    root = tmp_path / "coco"
+    for split, count in IMAGE_COUNTS.items():
+        folder = root / "images" / split
+        folder.mkdir(parents=True)
+        for i in range(count):
+            (folder / f"COCO_{split}_{i:012d}.{'JPG' if i == 0 else 'jpg'}").write_bytes(tiny_jpeg(i))
+        (folder / "notes.txt").write_text("not an image")
+    val = root / "images" / "val2014"
+    (val / "COCO_val2014_000000000001.jpg").rename(val / "COCO_val2014_000000000001.jpg.part")
+    assert prepare_data.check_coco(root, only="images") == [f"{val}: 1 of 2 images"]
+
+
 def test_disk_space_is_checked_before_downloading(tmp_path, server, small_tables, monkeypatch, capsys):
     table = [dataclasses.replace(a, unpacked_bytes=10**18) for a in prepare_data.ARCHIVES]
     monkeypatch.setattr(prepare_data, "ARCHIVES", tuple(table))
@@ -366,6 +465,18 @@ def test_disk_space_need_and_shortfall(tmp_path, small_tables):
         prepare_data.ensure_disk_space(tmp_path, needed=30 * 10**9, free=12_500_000_000)
 
 
+def test_disk_space_need_counts_only_bytes_still_to_download(tmp_path, small_tables, archives):
+    table = list(prepare_data.ARCHIVES)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "train2014.zip.part").write_bytes(archives["train2014.zip"][:100])
+    (tmp_path / "downloads" / "val2014.zip").write_bytes(archives["val2014.zip"])
+    rest = {a.name: a.size for a in table}
+    rest |= {"train2014.zip": len(archives["train2014.zip"]) - 100, "val2014.zip": 0}
+    unpacked = 1000 * len(table)
+    assert prepare_data.bytes_needed(tmp_path, table, keep_archives=True) == unpacked + sum(rest.values())
+    assert prepare_data.bytes_needed(tmp_path, table) == unpacked + max(rest.values())
+
+
 def test_cocoapi_layout_links_instead_of_copying(tmp_path, server, small_tables):
     root = tmp_path / "coco"
     assert run("--root", str(root), "--base-url", server.url, "--cocoapi-layout", *FAST) == 0
@@ -376,6 +487,24 @@ def test_cocoapi_layout_links_instead_of_copying(tmp_path, server, small_tables)
     server.requests.clear()
     assert run("--root", str(root), "--base-url", server.url, "--cocoapi-layout", *FAST) == 0
     assert server.requests == []
+
+
+@pytest.mark.parametrize("existing", ["folder", "link elsewhere", "dangling link"])
+def test_cocoapi_layout_refuses_to_replace_something_else(tmp_path, existing):
+    root = tmp_path / "coco"
+    link = root / "cocoapi" / "images"
+    link.parent.mkdir(parents=True)
+    if existing == "folder":
+        link.mkdir()
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        target = tmp_path / ("elsewhere" if existing == "link elsewhere" else "gone")
+        link.symlink_to(target, target_is_directory=True)
+    before = os.readlink(link) if link.is_symlink() else "folder"
+    message = re.escape(f"{link}: already exists and is not a link")
+    with pytest.raises(prepare_data.PrepareError, match=message):
+        prepare_data.link_cocoapi_layout(root)
+    assert (os.readlink(link) if link.is_symlink() else "folder" if link.is_dir() else None) == before
 
 
 def test_bad_base_url_is_one_line(tmp_path, small_tables, capsys):
