@@ -118,6 +118,7 @@ def test_cli_captions_a_folder_and_reports_the_corrupt_file(setup, loaded, tmp_p
     )
     assert result.returncode == 2, result.stderr
     assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert "error: 1 of 5 files could not be read as images (see above)" in result.stderr
     lines = result.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in setup["good"]]
     captions = [line.split("\t", 1)[1] for line in lines]
@@ -205,6 +206,8 @@ def test_missing_inputs_are_reported_and_the_rest_captioned(setup, tmp_path, cap
         ("000000397133.jpg", 397133),
         ("val_000000000123.jpg", 123),
         ("IMG_0042.jpg", "IMG_0042.jpg"),
+        ("test_000000000042.jpg", 42),  # the sample set's test images
+        ("2019_party.jpg", "2019_party.jpg"),  # a number must be the whole id, not its start
         ("holiday.png", "holiday.png"),
     ],
 )
@@ -257,3 +260,38 @@ def test_a_failed_write_is_one_line_after_the_captions(setup, tmp_path, capsys):
     assert code == 2 and len(captured.out.splitlines()) == 4  # the captions were printed first
     assert captured.err.endswith(f"error: {out}: cannot write (File too large)\n") and "Traceback" not in captured.err
     assert list(tmp_path.iterdir()) == []  # no torn file, no temp file
+
+
+def test_named_files_are_captioned_whatever_their_name_and_folders_named_like_images_are_searched(
+    setup, loaded, tmp_path, capsys
+):
+    """A file named on the command line is an image to caption even without an image extension; inside a
+    folder only files count: a folder called "album.jpg" is searched, not reported as an unreadable image."""
+    no_extension = tmp_path / "photo"
+    no_extension.write_bytes(setup["good"][0].read_bytes())
+    folder = tmp_path / "pictures"
+    (folder / "album.jpg").mkdir(parents=True)
+    inside = folder / "album.jpg" / "a.png"
+    inside.write_bytes(setup["good"][1].read_bytes())
+    code = caption.main(
+        [str(no_extension), str(folder), *weight_args(setup), "--beam", "1", "--num-workers", "0"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0 and "error" not in captured.err
+    encoder, decoder, vocab = loaded
+    expected = caption.caption_image_files(encoder, decoder, vocab, [no_extension, inside])
+    assert captured.out.splitlines() == [f"{no_extension}\t{expected[0]}", f"{inside}\t{expected[1]}"]
+
+
+def test_image_size_and_max_len_options_reach_the_captioning(setup, loaded, capsys):
+    inputs = [str(p) for p in setup["good"]]
+    options = ["--beam", "1", "--num-workers", "0", "--image-size", "32", "--max-len", "3"]
+    code = caption.main([*inputs, *weight_args(setup), *options])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    encoder, decoder, vocab = loaded
+    expected = caption.caption_image_files(encoder, decoder, vocab, setup["good"], max_len=3, image_size=32)
+    assert [line.split("\t", 1)[1] for line in captured.out.splitlines()] == expected
+    # both options matter here: at 64 px, or with the default 20 ids, the captions differ
+    assert expected != caption.caption_image_files(encoder, decoder, vocab, setup["good"], max_len=3)
+    assert expected != caption.caption_image_files(encoder, decoder, vocab, setup["good"], image_size=32)

@@ -25,13 +25,18 @@ from data_loader import (
     _decode_jpeg,
     build_transform,
     coco_image_files,
+    dataset_paths,
     get_loader,
     image_batches,
     load_coco,
     load_image,
     ready_dataset,
     resize_side,
+    transform_eval,
+    transform_train,
 )
+from sample_data import MARKER
+from vocabulary import tokenize
 
 LENGTHS = np.random.default_rng(0).choice([5, 6, 7, 8, 9, 12, 20], size=1003, p=[0.1, 0.2, 0.3, 0.2, 0.1, 0.08, 0.02])
 
@@ -133,6 +138,8 @@ def test_get_loader_train_batches(tiny_coco, tmp_path):
         assert len(captions) == 4 and int(captions.shape[1]) == dataset.caption_lengths[indices[0]] + 2
     loader.batch_sampler.sampler = None
     assert sum(len(c) for _, c in loader) == seen
+    np.random.seed(0)  # the template draws a length per batch, as often as captions have it: not always one
+    assert len({dataset.caption_lengths[dataset.get_train_indices()[0]] for _ in range(30)}) > 1
 
 
 def test_val_and_test_modes(tiny_coco, tmp_path):
@@ -211,6 +218,7 @@ IMAGE = {"id": 1, "file_name": "a.jpg"}
         ({"images": [{"id": 1}]}, "image {'id': 1} needs an int 'id' and a str 'file_name'"),
         ({"images": [{"id": "1", "file_name": "a.jpg"}]}, "image {'id': '1', 'file_name': 'a.jpg'} needs an int 'id'"),
         ({"images": [{"id": 1, "file_name": 5}]}, "needs an int 'id' and a str 'file_name'"),
+        ({"images": [{"id": True, "file_name": "a.jpg"}]}, "image {'id': True, 'file_name': 'a.jpg'} needs"),
         ({"images": [IMAGE], "annotations": {"id": 1}}, "'annotations' is not a list of objects"),
         ({"images": [IMAGE], "annotations": [{"id": "c1", "image_id": 1, "caption": "x"}]}, "annotation {'id': 'c1',"),
         ({"images": [IMAGE], "annotations": [{"id": 1, "image_id": 1, "caption": "a box"},
@@ -232,8 +240,8 @@ def test_inconsistent_annotation_files_are_named_in_one_line(tmp_path, content, 
 def test_image_lists_and_other_annotation_kinds_still_load(tmp_path):
     """A test split's image list has no annotations, an instances file no captions: both are fine."""
     info = tmp_path / "image_info_test.json"
-    info.write_text(json.dumps({"images": [IMAGE, {"id": 2, "file_name": "b.jpg"}]}))
-    assert coco_image_files(info, tmp_path) == ([1, 2], [tmp_path / "a.jpg", tmp_path / "b.jpg"])
+    info.write_text(json.dumps({"images": [{"id": 2, "file_name": "b.jpg"}, IMAGE]}))
+    assert coco_image_files(info, tmp_path) == ([1, 2], [tmp_path / "a.jpg", tmp_path / "b.jpg"])  # id order
     instances = tmp_path / "instances.json"
     instances.write_text(json.dumps({"images": [IMAGE], "annotations": [{"id": 5, "image_id": 1, "bbox": [0, 0, 1, 1]}]}))
     assert load_coco(instances).getAnnIds(imgIds=[1]) == [5]
@@ -435,8 +443,257 @@ def test_ready_dataset_makes_the_sample_set_once_and_says_how_to_get_coco(tmp_pa
     train_file = paths["train_annotations"]
     assert train_file.exists() and len(load_coco(train_file).dataset["images"]) > 0
     made = train_file.stat().st_mtime_ns
+    assert json.loads((paths["root"] / MARKER).read_text())["params"]["seed"] == 0  # as prepare_data.py does
     assert ready_dataset("sample", tmp_path / "sample") == paths and train_file.stat().st_mtime_ns == made
 
     with pytest.raises(FileNotFoundError, match=r"captions_train2014.json: missing; run `python prepare_data.py coco "
                                                 rf"--root {tmp_path / 'coco'}`"):
         ready_dataset("coco", tmp_path / "coco")
+
+
+def test_transforms_are_the_seeds_resize_crop_flip_and_imagenet_normalisation():
+    """DESIGN.md: transform_train is Resize(256), RandomCrop(224), RandomHorizontalFlip, ToTensor and ImageNet
+    Normalize; evaluation crops the centre instead; smaller crops resize to 8/7 of the crop, rounded."""
+
+    def steps(transform):
+        return [(type(t).__name__, getattr(t, "size", None)) for t in transform.transforms]
+
+    assert steps(transform_train) == [
+        ("Resize", 256),
+        ("RandomCrop", (224, 224)),
+        ("RandomHorizontalFlip", None),
+        ("ToTensor", None),
+        ("Normalize", None),
+    ]
+    assert steps(transform_eval) == [
+        ("Resize", 256),
+        ("CenterCrop", (224, 224)),
+        ("ToTensor", None),
+        ("Normalize", None),
+    ]
+    assert steps(build_transform(32))[:2] == [("Resize", 37), ("CenterCrop", (32, 32))]  # 36.57 rounds up
+    normalize = transform_train.transforms[-1]
+    assert (tuple(normalize.mean), tuple(normalize.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_dataset_paths_refuse_an_unknown_dataset_name(tmp_path):
+    for root in (None, tmp_path):  # with a root given, it must not fall back to the sample layout either
+        with pytest.raises(
+            ValueError, match=r"unknown dataset 'imagenet': expected one of \['coco', 'sample'\]"
+        ):
+            dataset_paths("imagenet", root)
+
+
+def test_ready_dataset_needs_the_coco_val_annotations_too(tmp_path):
+    paths = dataset_paths("coco", tmp_path)
+    paths["train_annotations"].parent.mkdir(parents=True)
+    paths["train_annotations"].write_text("{}")
+    with pytest.raises(
+        FileNotFoundError, match=r"captions_val2014.json: missing; run `python prepare_data.py coco"
+    ):
+        ready_dataset("coco", tmp_path)
+    paths["val_annotations"].write_text("{}")
+    assert ready_dataset("coco", tmp_path) == paths
+
+
+def test_a_folder_or_binary_file_as_annotations_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: not a COCO-format .*IsADirectory"):
+        load_coco(tmp_path)
+    binary = tmp_path / "captions.json"
+    binary.write_bytes(b"{\x80\x81\xfe")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(binary))}: not a COCO-format annotation file"):
+        load_coco(binary)
+
+
+def test_an_image_list_cannot_feed_train_or_val_mode(tiny_coco, tmp_path):
+    vocab_file = str(tmp_path / "v.pkl")
+    get_loader(
+        build_transform(32),
+        "train",
+        vocab_threshold=1,
+        vocab_file=vocab_file,
+        vocab_from_file=False,
+        annotations_file=tiny_coco["annotations"],
+        img_folder=tiny_coco["images"],
+    )
+    info = tmp_path / "image_info.json"
+    info.write_text(json.dumps({"images": json.loads(tiny_coco["annotations"].read_text())["images"]}))
+    for mode in ("train", "val"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(info))}: has no caption .* in {mode} mode"):
+            get_loader(
+                build_transform(32),
+                mode,
+                vocab_file=vocab_file,
+                annotations_file=info,
+                img_folder=tiny_coco["images"],
+            )
+
+
+def unshuffled_batches(lengths, batch_size: int) -> list[list[int]]:
+    """Buckets by increasing length, indices in increasing order, cut into batches: the unshuffled order."""
+    batches = []
+    for length in sorted(set(lengths)):
+        indices = [i for i, n in enumerate(lengths) if n == length]
+        batches += [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    return batches
+
+
+def test_unshuffled_batches_keep_length_and_index_order_in_every_epoch():
+    sampler = BucketBatchSampler(LENGTHS, 16, shuffle=False, seed=4)
+    assert epoch(sampler, 0) == unshuffled_batches(LENGTHS.tolist(), 16) == epoch(sampler, 3)
+
+
+def test_val_items_pair_each_caption_with_its_own_image_and_image_id_in_a_fixed_order(tiny_coco, tmp_path):
+    """Val mode (image, caption ids, image id): the image file of the caption's own annotation, that caption's
+    ids and its image id; batches unshuffled, unlike train mode's."""
+    vocab_file = str(tmp_path / "v.pkl")
+    kwargs = {"annotations_file": tiny_coco["annotations"], "img_folder": tiny_coco["images"]}
+    transform = build_transform(32)
+    train = get_loader(
+        transform,
+        "train",
+        batch_size=3,
+        vocab_threshold=1,
+        vocab_file=vocab_file,
+        vocab_from_file=False,
+        **kwargs,
+    )
+    loader = get_loader(transform, "val", batch_size=3, vocab_file=vocab_file, **kwargs)
+    dataset = loader.dataset
+    assert len(dataset) == 5 * tiny_coco["n_images"]
+    for index, annotation_id in enumerate(dataset.ids):
+        annotation = dataset.coco.anns[annotation_id]
+        image, caption, image_id = dataset[index]
+        assert image_id == annotation["image_id"]
+        assert caption.tolist() == dataset.vocab.encode(tokenize(annotation["caption"]))
+        file_name = dataset.coco.imgs[image_id]["file_name"]
+        assert torch.equal(image, transform(load_image(tiny_coco["images"] / file_name))), index
+    lengths = [len(c) for c in dataset.caption_ids]
+    assert list(loader.batch_sampler) == unshuffled_batches(lengths, 3)
+    assert list(train.batch_sampler) != unshuffled_batches(lengths, 3)
+    _images, _captions, image_ids = next(iter(loader))
+    first = unshuffled_batches(lengths, 3)[0]
+    assert image_ids.tolist() == [dataset.coco.anns[dataset.ids[i]]["image_id"] for i in first]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"num_replicas": 2, "rank": 2}, r"rank 2 is not in \[0, 2\)"),
+        ({"num_replicas": 2, "rank": -1}, r"rank -1 is not in \[0, 2\)"),
+        ({"num_replicas": 4, "rank": 3}, "3 items cannot be shared among 4 ranks"),
+    ],
+)
+def test_bucket_sampler_refuses_settings_that_cannot_make_an_epoch(settings, message):
+    with pytest.raises(ValueError, match=message):
+        BucketBatchSampler([5, 6, 7], **{"batch_size": 2, **settings})
+
+
+def test_test_mode_yields_every_listed_image_shuffled_by_default_as_in_the_template(tiny_coco, tmp_path):
+    folder = tiny_coco["images"]
+    Image.new("L", (48, 40), 100).save(folder / "img_000000000001.jpg")  # unlike every other image
+    images = json.loads(tiny_coco["annotations"].read_text())["images"][::-1]
+    info = tmp_path / "image_info.json"
+    info.write_text(json.dumps({"images": images}))
+    kwargs = {"annotations_file": info, "img_folder": folder}
+    loader = get_loader(build_transform(32), "test", shuffle=False, **kwargs)
+    originals = [original[0].numpy() for original, _image in loader]
+    assert len(originals) == len(images)
+    assert all(  # in the file's order: the grayscale image comes last
+        np.array_equal(a, np.array(load_image(folder / image["file_name"])))
+        for a, image in zip(originals, images, strict=True)
+    )
+    assert isinstance(
+        get_loader(build_transform(32), "test", **kwargs).sampler, torch.utils.data.RandomSampler
+    )
+
+
+def test_val_mode_reads_the_train_vocabulary_and_never_writes_one(tiny_coco, tmp_path):
+    """Val mode must not build a vocabulary from the val captions: not when the file is missing (an error),
+    not when vocab_from_file=False is passed (ignored): that would overwrite the train vocabulary."""
+    vocab_file = tmp_path / "vocab.pkl"
+    kwargs = {"img_folder": tiny_coco["images"], "vocab_threshold": 1, "vocab_file": str(vocab_file)}
+    with pytest.raises(
+        FileNotFoundError, match=f"{re.escape(str(vocab_file))}: val mode needs the vocabulary"
+    ):
+        get_loader(build_transform(32), "val", annotations_file=tiny_coco["annotations"], **kwargs)
+    assert not vocab_file.exists()
+    get_loader(
+        build_transform(32),
+        "train",
+        vocab_from_file=False,
+        annotations_file=tiny_coco["annotations"],
+        **kwargs,
+    )
+    saved = vocab_file.read_bytes()
+    val = json.loads(tiny_coco["annotations"].read_text())
+    for annotation in val["annotations"]:
+        annotation["caption"] = "a purple triangle"
+    val_file = tmp_path / "captions_val.json"
+    val_file.write_text(json.dumps(val))
+    dataset = get_loader(
+        build_transform(32), "val", vocab_from_file=False, annotations_file=val_file, **kwargs
+    ).dataset
+    assert vocab_file.read_bytes() == saved and "purple" not in dataset.vocab.word2idx
+
+
+def test_get_loader_passes_seed_ranks_and_pinning_on(tiny_coco, tmp_path):
+    """train.py's image path shards with get_loader(seed=, num_replicas=, rank=, pin_memory=)."""
+    vocab_file = str(tmp_path / "v.pkl")
+    kwargs = {
+        "annotations_file": tiny_coco["annotations"],
+        "img_folder": tiny_coco["images"],
+        "vocab_file": vocab_file,
+    }
+    get_loader(build_transform(32), "train", vocab_threshold=1, vocab_from_file=False, **kwargs)
+    shares = []
+    for rank in range(2):
+        loader = get_loader(
+            build_transform(32),
+            "train",
+            batch_size=4,
+            seed=7,
+            num_replicas=2,
+            rank=rank,
+            pin_memory=True,
+            **kwargs,
+        )
+        lengths = [len(c) for c in loader.dataset.caption_ids]
+        shares.append(list(loader.batch_sampler))
+        assert shares[-1] == list(BucketBatchSampler(lengths, 4, seed=7, num_replicas=2, rank=rank))
+        assert loader.pin_memory
+    assert sorted(i for share in shares for batch in share for i in batch) == list(
+        range(5 * tiny_coco["n_images"])
+    )
+
+
+def test_building_a_vocabulary_without_a_threshold_fails_before_anything_is_read(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"^to build a vocabulary \(vocab_from_file=False\) give vocab_threshold$"
+    ):
+        get_loader(
+            build_transform(32),
+            "train",
+            vocab_from_file=False,
+            vocab_file=str(tmp_path / "v.pkl"),
+            annotations_file=tmp_path / "not_read.json",
+            img_folder=tmp_path,
+        )
+
+
+def test_a_batch_of_only_unreadable_images_comes_out_as_none(tiny_coco, tmp_path, capsys):
+    (tiny_coco["images"] / "img_000000000004.jpg").unlink()
+    loader = get_loader(
+        build_transform(32),
+        "train",
+        batch_size=1,
+        vocab_threshold=1,
+        vocab_file=str(tmp_path / "v.pkl"),
+        vocab_from_file=False,
+        annotations_file=tiny_coco["annotations"],
+        img_folder=tiny_coco["images"],
+    )
+    batches = list(loader)
+    assert len(batches) == 5 * tiny_coco["n_images"] and sum(batch is None for batch in batches) == 5
+    assert capsys.readouterr().err.count("img_000000000004.jpg: file not found") == 1

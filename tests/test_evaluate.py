@@ -184,13 +184,14 @@ def run_coco_eval_cap(annotations: Path) -> COCOEvalCap:
 
 @pytest.fixture(scope="module")
 def java_and_coco_eval_cap(annotations) -> tuple[dict, COCOEvalCap]:
-    """Our Java-path scores and COCOEvalCap's, computed side by side (a METEOR JVM takes ~10 s to start)."""
+    """Our scores by default (Java on PATH: its tokenizer and METEOR) and COCOEvalCap's, computed side by side
+    (a METEOR JVM takes ~10 s to start)."""
     with ThreadPoolExecutor(1) as pool:
         ours = pool.submit(
             evaluate.score_captions,
             RESULTS,
             evaluate.references_from_coco(annotations),
-            use_java=True,
+            use_java=None,
             per_image=True,
         )
         theirs = run_coco_eval_cap(annotations)
@@ -243,6 +244,15 @@ def test_scores_only_the_images_in_results(annotations):
     one = evaluate.score_captions(RESULTS[:1], references, use_java=False, per_image=True)
     assert list(one["per_image"]) == [174482]
     assert one["CIDEr"] == one["per_image"][174482]["CIDEr"]  # the corpus score of one image is its own score
+
+
+def test_scores_do_not_depend_on_the_order_of_the_results(annotations):
+    """Images are scored in the references' order (as COCOEvalCap does), so the float sums, and so the scores,
+    are the same bit for bit whatever order the results file lists them in."""
+    references = evaluate.references_from_coco(annotations)
+    scores = evaluate.score_captions(RESULTS, references, use_java=False)
+    for order in (RESULTS[::-1], sorted(RESULTS, key=lambda r: r["image_id"]), RESULTS[5:] + RESULTS[:5]):
+        assert evaluate.score_captions(order, references, use_java=False) == scores
 
 
 def test_references_follow_annotation_file_order(annotations):
@@ -353,13 +363,17 @@ def test_cli_json_with_examples(tmp_path, annotations, capsys):
         "--no-java",
         "--json",
         "--show-examples",
-        1,
+        3,
     )
     assert code == 0
     examples = json.loads(out)["examples"]
     assert examples["worst"][0]["image_id"] == 252219
     assert examples["worst"][0]["CIDEr"] <= examples["best"][0]["CIDEr"]
     assert set(examples["best"][0]) == {"image_id", "CIDEr", "caption", "reference"}
+    scores = evaluate.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)["per_image"]
+    ranked = sorted(scores, key=lambda i: scores[i]["CIDEr"])
+    assert [e["image_id"] for e in examples["best"]] == ranked[::-1][:3]  # the best first
+    assert [e["image_id"] for e in examples["worst"]] == ranked[:3]  # the worst first
 
 
 @pytest.mark.parametrize(
@@ -369,6 +383,7 @@ def test_cli_json_with_examples(tmp_path, annotations, capsys):
         ('{"image_id": 391895, "caption": "a man"}', "expected a JSON list"),
         ('[{"image_id": 391895}]', "item 0 is not"),
         ('[{"image_id": "391895", "caption": "a man"}]', "item 0 is not"),
+        ('[{"image_id": true, "caption": "a man"}]', "item 0 is not"),  # a bool is not an image id
         (
             '[{"image_id": 391895, "caption": "a man"}, {"image_id": 5, "caption": "a cat"}]',
             "1 image ids have no references in",
@@ -396,6 +411,27 @@ def test_cli_missing_or_bad_annotations(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"images": []}')
     code, _, err = run_cli(capsys, "--results", results, "--annotations", tmp_path / "bad.json")
     assert code == 2 and "'annotations' list" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": [{"image_id": 391895, "caption": 5}]}')
+    code, _, err = run_cli(capsys, "--results", results, "--annotations", bad)
+    assert code == 2
+    assert err == f"error: {bad}: annotation 0 is not " + '{"image_id": int, "caption": str, ...}\n'
+
+
+def test_cli_folders_and_binary_files_exit_2_naming_the_file(tmp_path, annotations, capsys):
+    results = tmp_path / "results.json"
+    write_results(RESULTS, results)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'[{"caption": "caf\xe9"}]')  # Latin-1, not UTF-8
+    cases = [
+        (tmp_path, annotations, f"error: {tmp_path}: is a directory, expected a JSON file"),
+        (results, tmp_path, f"error: {tmp_path}: is a directory, expected a JSON file"),
+        (binary, annotations, f"error: {binary}: not UTF-8 text, expected a JSON file"),
+        (results, binary, f"error: {binary}: not UTF-8 text, expected a JSON file"),
+    ]
+    for results_file, annotations_file, message in cases:
+        code, out, err = run_cli(capsys, "--results", results_file, "--annotations", annotations_file)
+        assert code == 2 and out == "" and err == message + "\n"
 
 
 def test_first_caption_per_image_keeps_the_first(tmp_path, annotations, capsys):
@@ -427,6 +463,14 @@ def test_first_caption_per_image_keeps_the_first(tmp_path, annotations, capsys):
             kept, evaluate.references_from_coco(annotations), use_java=False
         ).items()
     }
+
+
+def test_cli_results_without_annotations_is_one_line(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    write_results(RESULTS, results)
+    code, out, err = run_cli(capsys, "--results", results)
+    assert code == 2 and out == ""
+    assert err == "error: --results needs --annotations (the COCO captions file to score against)\n"
 
 
 def test_cli_error_has_no_traceback(tmp_path, annotations):
@@ -461,6 +505,8 @@ def test_score_captions_rejects_duplicates_and_unknown_ids():
         evaluate.score_captions([RESULTS[0], RESULTS[0]], REFERENCES, use_java=False)
     with pytest.raises(ValueError, match="no references"):
         evaluate.score_captions([{"image_id": 1, "caption": "a cat"}], REFERENCES, use_java=False)
+    with pytest.raises(ValueError, match="1 image ids have no references"):  # an empty list is none either
+        evaluate.score_captions([{"image_id": 9, "caption": "a cat"}], {**REFERENCES, 9: []}, use_java=False)
 
 
 # ---- Karpathy split ----
@@ -514,6 +560,10 @@ def test_karpathy_bad_files(tmp_path):
         evaluate.load_karpathy_split(path)
     path.write_text(json.dumps({"images": [{"cocoid": 1, "split": "val"}]}))
     with pytest.raises(evaluate.InputFileError, match="image 0 lacks"):
+        evaluate.load_karpathy_split(path)
+    image = {"cocoid": "x1", "filepath": "val2014", "filename": "x.jpg", "split": "val"}
+    path.write_text(json.dumps({"images": [image]}))
+    with pytest.raises(evaluate.InputFileError, match="image 0 lacks"):  # a cocoid must be a number
         evaluate.load_karpathy_split(path)
     path.write_text("[]")
     with pytest.raises(evaluate.InputFileError, match="'images' list"):
@@ -640,3 +690,114 @@ def test_cli_bad_numbers_are_refused_when_parsing(capsys, option, message):
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(["--models", "models", *option])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_split_files_of_val_and_the_karpathy_splits(tmp_path):
+    """'val' is every image of the val annotations with its file; the Karpathy splits take their own images
+    (their folder and file name from dataset_coco.json) and only their references; 5 captions per image."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    write_karpathy(root / "annotations" / "dataset_coco.json")
+    references = {n: [f"A photo number {n}, caption {k}." for k in range(5)] for n in range(8)}
+    write_annotations(root / "annotations" / "captions_val2014.json", references)
+    ids, files, refs = evaluate.split_files("val", "coco", root)
+    assert ids == list(reversed(references)) and refs == references  # the file's image order
+    assert files == [root / "images" / "val2014" / f"COCO_val2014_{n:012d}.jpg" for n in ids]
+    for split, expected in (("karpathy-val", [2, 6]), ("karpathy-test", [3, 7])):
+        ids, files, refs = evaluate.split_files(split, "coco", root)
+        assert ids == expected and refs == {n: references[n] for n in expected}
+        assert files == [root / "images" / "val2014" / f"COCO_val2014_{n:012d}.jpg" for n in expected]
+    del references[7]
+    write_annotations(root / "annotations" / "captions_val2014.json", references)
+    with pytest.raises(evaluate.InputFileError, match=r"dataset_coco.json: 1 karpathy-test images are not"):
+        evaluate.split_files("karpathy-test", "coco", root)
+    with pytest.raises(
+        ValueError, match="unknown split 'test': expected one of val, karpathy-val, karpathy-test"
+    ):
+        evaluate.split_files("test", "coco", root)
+    sample = tmp_path / "sample"
+    (sample / "annotations").mkdir(parents=True)
+    write_annotations(sample / "annotations" / "captions_val.json", references)
+    with pytest.raises(ValueError, match="the Karpathy split exists for COCO only, not for 'sample'"):
+        evaluate.split_files("karpathy-val", "sample", sample)
+
+
+def test_latest_weights_are_the_highest_epoch_by_number(tmp_path):
+    for name in ("encoder-2.pkl", "encoder-10.pkl", "encoder-9.pkl", "encoder-x.pkl", "encoder-11.pkl.bak"):
+        (tmp_path / name).write_bytes(b"")
+    assert evaluate.latest_weights(tmp_path) == (
+        tmp_path / "encoder-10.pkl",
+        tmp_path / "decoder-10.pkl",
+        tmp_path / "vocab.pkl",
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(evaluate.InputFileError, match=f"^{empty}: no encoder-N.pkl files"):
+        evaluate.latest_weights(empty)
+
+
+def test_format_comparison_puts_each_model_in_its_own_column():
+    model = {m: 0.1 * k for k, m in enumerate(evaluate.METRICS)}
+    baseline = {m: v + 0.5 for m, v in model.items() if m != "METEOR"}  # a metric one lacks is left out
+    lines = evaluate.format_comparison({"model": model, "baseline": baseline}).splitlines()
+    assert lines[0].split() == ["metric", "model", "baseline"]
+    assert [line.split() for line in lines[1:]] == [
+        [m, f"{model[m]:.4f}", f"{baseline[m]:.4f}"] for m in evaluate.METRICS if m != "METEOR"
+    ]
+
+
+def test_cli_compares_with_a_baseline_and_prints_captions_next_to_references(
+    model_and_split, tmp_path, capsys, one_thread
+):
+    """--baseline DIR evaluates a second model (here: another decoder) beside the first; --examples N prints
+    both models' captions and the references of the first N images; --beam and --max-len reach captioning."""
+    import torch
+    from conftest import make_vocab
+
+    from caption import caption_image_files
+    from model import DecoderRNN, load_pretrained
+
+    models = model_and_split["models"]
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    (baseline / "encoder-1.pkl").symlink_to(models / "encoder-1.pkl")
+    (baseline / "train_config.json").write_text((models / "train_config.json").read_text())
+    make_vocab(baseline / "vocab.pkl", 30)
+    torch.manual_seed(1)
+    decoder = DecoderRNN(16, 24, 30)
+    with torch.no_grad():
+        decoder.fc.weight.mul_(5)
+    torch.save(decoder.state_dict(), baseline / "decoder-1.pkl")
+    saved = tmp_path / "captions.json"
+    options = ["--beam", 1, "--max-len", 3, "--examples", 2, "--save-results", saved]
+    code, out, err = run_cli(capsys, *model_args(model_and_split), "--baseline", baseline, *options)
+    assert code == 0, err
+    files = [model_and_split["data"] / "images" / "val" / f"val_{i:012d}.jpg" for i in (1, 2, 3)]
+    encoder, decoder, vocab = load_pretrained(
+        models / "encoder-1.pkl", models / "decoder-1.pkl", models / "vocab.pkl", device="cpu"
+    )
+    captions = caption_image_files(encoder, decoder, vocab, files, beam_size=1, max_len=3)
+    assert [r["caption"] for r in evaluate.load_results(saved)] == captions  # the model's, not the baseline's
+    lines = out.splitlines()
+    assert lines[0].split() == ["metric", "model", "baseline"]
+    assert "model: 3 images scored, 1 unreadable (left out)" in lines
+    assert "baseline: 3 images scored, 1 unreadable (left out)" in lines
+    examples = lines[lines.index("image 1") :]
+    baseline_captions = [line.split(maxsplit=1)[1] for line in examples if line.startswith("  baseline ")]
+    assert len(baseline_captions) == 2 and baseline_captions != captions[:2]  # the other decoder's captions
+    assert examples == [
+        "image 1",
+        f"  {'model':<10} {captions[0]}",
+        f"  {'baseline':<10} {baseline_captions[0]}",
+        *(f"  {'reference':<10} {r}" for r in MODEL_REFERENCES[1]),
+        "image 2",
+        f"  {'model':<10} {captions[1]}",
+        f"  {'baseline':<10} {baseline_captions[1]}",
+        *(f"  {'reference':<10} {r}" for r in MODEL_REFERENCES[2]),
+    ]
+
+
+def test_cli_karpathy_split_of_the_sample_set_is_refused(model_and_split, capsys):
+    code, out, err = run_cli(capsys, *model_args(model_and_split), "--split", "karpathy-test")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1] == "error: the Karpathy split exists for COCO only, not for 'sample'"
