@@ -62,7 +62,7 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
     assert {p.name for p in out.iterdir()} == expected
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[1]["val_loss"] < metrics[0]["val_loss"]
-    folders = sorted(p.name for p in cache.iterdir())
+    folders = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert len(folders) == 2 and folders[0].startswith("captions_train-32px-")
 
     # each process took its half of the batches
