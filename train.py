@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from functools import partial
@@ -455,7 +456,7 @@ def feature_cache(
 
 
 @contextlib.contextmanager
-def cache_build_lock(cache_dir: Path):
+def cache_build_lock(cache_dir: Path) -> Iterator[None]:
     """Hold `cache_dir`'s build lock: runs started together (a sweep, a notebook beside the CLI) build a cache once,
     the others wait and then read it, and no run renames or removes a cache folder while another does."""
     cache_dir.mkdir(parents=True, exist_ok=True)
