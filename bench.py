@@ -339,22 +339,22 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
     gc.collect()  # the DataLoader's persistent workers exit (and are counted) when it is collected
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     metrics = result["metrics"]
-    epoch_seconds = sum(m["epoch_seconds"] for m in metrics)
-    captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in metrics)
-    # The first epoch pays the warm-up (cuDNN plans per caption length, the allocator, fused Adam's state): on a GPU
-    # that is most of a 0.3-second bench epoch but nothing against a 1,600-step COCO epoch, so rates for COCO come
-    # from the epochs after it.
-    later = metrics[1:] or metrics
-    later_seconds = sum(m["epoch_seconds"] for m in later)
-    later_captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in later)
+
+    def captions_per_s(epochs: list[dict]) -> float:
+        captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in epochs)
+        return round(captions / sum(m["epoch_seconds"] for m in epochs), 1)
+
     return {
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute, before and after
         "setup_seconds": round(wall - result["seconds"], 2),
-        "epoch_seconds": round(epoch_seconds, 2),
-        "captions_per_s": round(captions / epoch_seconds, 1),
-        "captions_per_s_after_first_epoch": round(later_captions / later_seconds, 1),
+        "epoch_seconds": round(sum(m["epoch_seconds"] for m in metrics), 2),
+        "captions_per_s": captions_per_s(metrics),
+        # The first epoch pays the warm-up (cuDNN plans per caption length, the allocator, fused Adam's state): on a
+        # GPU that is most of a 0.3-second bench epoch but nothing against a 1,600-step COCO epoch, so rates for
+        # COCO come from the epochs after it.
+        "captions_per_s_after_first_epoch": captions_per_s(metrics[1:] or metrics),
         "val_loss": result["val_loss"],
         "val_losses": [m["val_loss"] for m in metrics],
         "cache_built": result["cache_built"],

@@ -405,7 +405,6 @@ def test_statistics_without_a_cache_come_from_the_images_as_the_cache_would_give
 
 
 def test_resume_refuses_a_checkpoint_whose_weights_or_epoch_length_do_not_fit(trained, base, tmp_path, capsys):
-    checkpoint = train.load_checkpoint(Path(trained["out_dir"]) / "checkpoint.pt")
     args = ["--data-root", str(base / "sample"), "--cache-dir", str(base / "features"), "--image-size", "32",
             "--embed-size", "64", "--hidden-size", "64", "--batch-size", "32", "--epochs", "8", "--resume"]
     for name, change, expected in [
@@ -419,7 +418,6 @@ def test_resume_refuses_a_checkpoint_whose_weights_or_epoch_length_do_not_fit(tr
         torch.save(tampered, out / "checkpoint.pt")
         assert train.main(args + ["--out-dir", str(out)]) == 2
         assert expected in cli_error(capsys)
-    assert checkpoint["steps_per_epoch"] > 0
 
 
 def test_an_image_path_run_stopped_mid_epoch_resumes_at_its_batch(base, token_cache, tmp_path):
