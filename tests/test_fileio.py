@@ -48,3 +48,22 @@ def test_fsync_flag_and_replacing_an_existing_file(tmp_path, monkeypatch, fsync)
     assert path.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["image.jpg"]
     assert len(synced) == (1 if fsync else 0)
+
+
+def test_a_rewritten_file_keeps_the_permissions_its_owner_gave_it(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+    path.chmod(0o600)
+    with atomic_write(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_a_mode_that_cannot_open_leaks_no_descriptor_and_no_temp_file(tmp_path):
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError), atomic_write(tmp_path / "x.txt", "wz"):
+        pass
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert list(tmp_path.iterdir()) == []
