@@ -12,8 +12,8 @@ through the ResNet-50 at every step, DataLoader workers, same model, same batch 
 timed in wall time and in CPU time, which barely moves when other programs share the cores. It prints one table
 with PASS/FAIL per target; `--json` writes every figure. Ratios against the baseline measured in the same run
 are the headline; absolute numbers mean something only from a GPU. `--profile DIR` adds, after the timed runs,
-torch.profiler records of extraction, training steps and beam search (train.write_profile: trace, op table, host
-time and GPU busy time per step). Results: BENCHMARKS.md.
+torch.profiler records of extraction, training steps and beam search (profiling.write_profile: trace, op table,
+host time and GPU busy time per step). Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,19 +39,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import vocabulary
-from caption import positive_int
+from config import TrainConfig, TrainingError, positive_int
+from data_loader import coco_image_files, dataset_paths
+from features import extract_features
 from fileio import atomic_write
 from model import FEATURE_SIZE, EncoderCNN, load_pretrained
-from train import (
-    TrainConfig,
-    TrainingError,
-    extract_features,
-    profile_line,
-    profiler,
-    start_runtime,
-    train,
-    write_profile,
-)
+from profiling import profile_line, profiler, write_profile
+from runtime import Runtime, start_runtime
+from train import train
 
 COCO_TRAIN2014_CAPTIONS = 414_113
 JPEG_SIZE = (640, 480)  # COCO's typical image; one in five is portrait (480x640)
@@ -168,6 +163,7 @@ def write_jpeg(path: Path, colour: tuple[int, int, int], portrait: bool, seed: i
 
 
 def _write_jpeg_job(job: tuple) -> int:
+    """write_jpeg(*job), for ProcessPoolExecutor.map."""
     return write_jpeg(*job)
 
 
@@ -179,36 +175,67 @@ def make_bench_data(root: Path, n_train: int, n_val: int, word_list: int, seed: 
     """
     rng = np.random.default_rng(seed)
     words = synthetic_words(word_list, seed)
-    zipf = 1.0 / np.arange(3, len(words) + 3) ** 1.1
-    zipf /= zipf.sum()
-    jobs, all_lengths = [], []
-    next_annotation = 1
+    weights = word_weights(len(words))
+    paths = dataset_paths("sample", root)
+    jobs, captions = [], []
     for split, count, first_id in (("train", n_train, 1), ("val", n_val, 1_000_000)):
-        folder = root / "images" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for image_id in range(first_id, first_id + count):
-            colour = list(COLOURS)[rng.integers(len(COLOURS))]
-            portrait = bool(rng.random() < 0.2)
-            name = f"{split}_{image_id:012d}.jpg"
-            width, height = JPEG_SIZE[::-1] if portrait else JPEG_SIZE
-            images.append({"id": image_id, "file_name": name, "width": width, "height": height})
-            jobs.append((folder / name, COLOURS[colour], portrait, seed * 10_000_019 + image_id))
-            lengths = caption_lengths(rng, 5)
-            all_lengths += lengths.tolist()
-            for length in lengths:
-                rest = rng.choice(len(words), size=length - 2, p=zipf)
-                caption = " ".join(["a", colour, *(words[i] for i in rest)])
-                annotations.append({"id": next_annotation, "image_id": image_id, "caption": caption})
-                next_annotation += 1
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
-        coco = {"info": {"description": "bench.py synthetic data"}, "licenses": [], "images": images,
-                "annotations": annotations}
-        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
+        paths[f"{split}_images"].mkdir(parents=True, exist_ok=True)
+        images, split_captions, split_jobs = synthetic_split(
+            rng, paths[f"{split}_images"], split, range(first_id, first_id + count), words, weights, seed)
+        annotations = [{"id": len(captions) + k, "image_id": image_id, "caption": caption}
+                       for k, (image_id, caption) in enumerate(split_captions, start=1)]
+        write_coco(paths[f"{split}_annotations"], images, annotations)
+        captions += [caption for _, caption in split_captions]
+        jobs += split_jobs
+    return data_summary(n_train, n_val, [len(caption.split()) for caption in captions], write_jpegs(jobs))
+
+
+def word_weights(count: int) -> np.ndarray:
+    """Zipf-like probabilities of `count` words by rank (1 / (rank + 2) ** 1.1), so a few words are common."""
+    weights = 1.0 / np.arange(3, count + 3) ** 1.1
+    weights /= weights.sum()
+    return weights
+
+
+def image_captions(rng: np.random.Generator, colour: str, words: list[str], weights: np.ndarray) -> list[str]:
+    """The 5 captions of one image: "a <colour>" then words drawn by `weights`, as long as COCO's captions."""
+    return [" ".join(["a", colour, *(words[i] for i in rng.choice(len(words), size=length - 2, p=weights))])
+            for length in caption_lengths(rng, 5)]
+
+
+def synthetic_split(rng: np.random.Generator, folder: Path, split: str, image_ids: range, words: list[str],
+                    weights: np.ndarray, seed: int) -> tuple[list[dict], list[tuple[int, str]], list[tuple]]:
+    """One split's COCO image records, its (image id, caption) pairs and the write_jpeg jobs of its images."""
+    images, captions, jobs = [], [], []
+    for image_id in image_ids:
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        portrait = bool(rng.random() < 0.2)
+        name = f"{split}_{image_id:012d}.jpg"
+        width, height = JPEG_SIZE[::-1] if portrait else JPEG_SIZE
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        jobs.append((folder / name, COLOURS[colour], portrait, seed * 10_000_019 + image_id))
+        captions += [(image_id, caption) for caption in image_captions(rng, colour, words, weights)]
+    return images, captions, jobs
+
+
+def write_coco(path: Path, images: list[dict], annotations: list[dict]) -> None:
+    """A COCO captions file of these images and annotations."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    coco = {"info": {"description": "bench.py synthetic data"}, "licenses": [], "images": images,
+            "annotations": annotations}
+    path.write_text(json.dumps(coco))
+
+
+def write_jpegs(jobs: list[tuple]) -> list[int]:
+    """Run the write_jpeg jobs in worker processes; returns the files' sizes in bytes."""
     with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        sizes = list(tqdm(pool.map(_write_jpeg_job, jobs, chunksize=8), total=len(jobs), desc="writing JPEGs",
-                          unit="img", mininterval=1.0))
-    lengths = np.array(all_lengths)
+        return list(tqdm(pool.map(_write_jpeg_job, jobs, chunksize=8), total=len(jobs), desc="writing JPEGs",
+                         unit="img", mininterval=1.0))
+
+
+def data_summary(n_train: int, n_val: int, caption_words: list[int], jpeg_sizes: list[int]) -> dict:
+    """What the generated data holds: images, captions, caption length statistics, mean JPEG size."""
+    lengths = np.array(caption_words)
     return {
         "train_images": n_train,
         "val_images": n_val,
@@ -218,14 +245,14 @@ def make_bench_data(root: Path, n_train: int, n_val: int, word_list: int, seed: 
         "caption_length_p5": float(np.percentile(lengths, 5)),
         "caption_length_p95": float(np.percentile(lengths, 95)),
         "caption_length_max": int(lengths.max()),
-        "jpeg_kib_mean": round(float(np.mean(sizes)) / 1024, 1),
+        "jpeg_kib_mean": round(float(np.mean(jpeg_sizes)) / 1024, 1),
     }
 
 
 def image_paths(root: Path, split: str) -> list[Path]:
     """The split's JPEGs in image-id order (the order of the feature cache's rows)."""
-    coco = json.loads((root / "annotations" / f"captions_{split}.json").read_text())
-    return [root / "images" / split / image["file_name"] for image in sorted(coco["images"], key=lambda i: i["id"])]
+    paths = dataset_paths("sample", root)
+    return coco_image_files(paths[f"{split}_annotations"], paths[f"{split}_images"])[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,6 +261,7 @@ def image_paths(root: Path, split: str) -> list[Path]:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer read next covers it; nothing off CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -248,66 +276,83 @@ def cuda_peak_mib(device: torch.device) -> float | None:
 
 
 def profiled(device: torch.device, folder: Path, work: Callable[[], object]) -> dict:
-    """Run `work()` under train.profiler, waiting for the GPU before the record ends, and save the record in
-    `folder` (train.write_profile); returns its summary."""
+    """Run `work()` under profiling.profiler, waiting for the GPU before the record ends, and save the record in
+    `folder` (profiling.write_profile); returns its summary."""
     with profiler(device) as prof:
         work()
         synchronize(device)
     return write_profile(prof, folder)
 
 
-def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime, profile_dir: Path | None = None) -> dict:
-    """Images/s of JPEG decode + resize + ResNet-50: train.extract_features (CPU decoding in DataLoader workers)
+def measure_feature_extraction(cfg: BenchConfig, paths: list[Path], runtime: Runtime,
+                               profile_dir: Path | None = None) -> dict:
+    """Images/s of JPEG decode + resize + ResNet-50: features.extract_features (CPU decoding in DataLoader workers)
     and, on CUDA, batched GPU decoding. With `profile_dir`, then a torch.profiler record of 4 batches (GPU decoding
     on CUDA) in profile_dir/extract."""
     device = runtime.device
     torch.manual_seed(0)
     encoder = EncoderCNN(cfg.embed_size, pretrained=False).eval().to(device)
-    options = dict(image_size=cfg.image_size, mirror=False, runtime=runtime, batch_size=cfg.extract_batch_size,
-                   num_workers=cfg.num_workers)
-
-    def timed_extraction(decode_on_device: bool) -> tuple[float, np.ndarray]:
-        out = np.zeros((len(paths), 1, FEATURE_SIZE), dtype=np.float16)
-        readable = np.zeros(len(paths), dtype=bool)
-        where = "GPU" if decode_on_device else "CPU"
-        if device.type == "cuda":  # warm-up: cuDNN picks its algorithms on the first batches
-            warm = paths[: 2 * cfg.extract_batch_size]
-            extract_features(encoder, warm, out[: len(warm)], readable[: len(warm)], desc="warm-up",
-                             decode_on_device=decode_on_device, **options)
-        synchronize(device)
-        started = time.perf_counter()
-        extract_features(encoder, paths, out, readable, desc=f"features ({where} decode)",
-                         decode_on_device=decode_on_device, **options)
-        synchronize(device)
-        return time.perf_counter() - started, out[:, 0]
-
-    cpu_seconds, cpu_features = timed_extraction(decode_on_device=False)
+    cpu_decode_seconds, cpu_features = timed_extraction(cfg, runtime, encoder, paths, decode_on_device=False)
     result = {
         "images": len(paths),
-        "cpu_decode_seconds": round(cpu_seconds, 3),
-        "cpu_decode_images_per_s": round(len(paths) / cpu_seconds, 1),
+        "cpu_decode_seconds": round(cpu_decode_seconds, 3),
+        "cpu_decode_images_per_s": rate(len(paths), cpu_decode_seconds),
         "gpu_decode_seconds": None,
         "gpu_decode_images_per_s": None,
         "gpu_cpu_feature_cosine": None,
     }
     if device.type == "cuda":
-        gpu_seconds, gpu_features = timed_extraction(decode_on_device=True)
-        reference = torch.from_numpy(cpu_features).float()
-        centre = reference.mean(0)  # random-ResNet features share a large offset: compare what varies
-        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(gpu_features).float() - centre,
-                                                       reference - centre)
+        gpu_decode_seconds, gpu_features = timed_extraction(cfg, runtime, encoder, paths, decode_on_device=True)
         result |= {
-            "gpu_decode_seconds": round(gpu_seconds, 3),
-            "gpu_decode_images_per_s": round(len(paths) / gpu_seconds, 1),
-            "gpu_cpu_feature_cosine": round(float(cosine.mean()), 4),  # nvJPEG + torch resize vs libjpeg + PIL
+            "gpu_decode_seconds": round(gpu_decode_seconds, 3),
+            "gpu_decode_images_per_s": rate(len(paths), gpu_decode_seconds),
+            # nvJPEG + torch resize vs libjpeg + PIL
+            "gpu_cpu_feature_cosine": round(feature_cosine(gpu_features, cpu_features), 4),
         }
     result["cuda_peak_mib"] = cuda_peak_mib(device)
     if profile_dir is not None:
         first = paths[: 4 * cfg.extract_batch_size]
         result["profile"] = profiled(device, profile_dir / "extract", lambda: extract_features(
-            encoder, first, np.zeros((len(first), 1, FEATURE_SIZE), dtype=np.float16), np.zeros(len(first), dtype=bool),
-            desc="profiling features", decode_on_device=device.type == "cuda", **options))
+            encoder, first, *new_feature_arrays(len(first)), desc="profiling features",
+            decode_on_device=device.type == "cuda", **extraction_options(cfg, runtime)))
     return result
+
+
+def extraction_options(cfg: BenchConfig, runtime: Runtime) -> dict:
+    """The keyword arguments of features.extract_features that every extraction of the benchmark shares."""
+    return dict(image_size=cfg.image_size, mirror=False, runtime=runtime, batch_size=cfg.extract_batch_size,
+                num_workers=cfg.num_workers)
+
+
+def new_feature_arrays(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed outputs of extract_features for `count` images: features [count, 1, FEATURE_SIZE], readable."""
+    return np.zeros((count, 1, FEATURE_SIZE), dtype=np.float16), np.zeros(count, dtype=bool)
+
+
+def timed_extraction(cfg: BenchConfig, runtime: Runtime, encoder: EncoderCNN, paths: list[Path],
+                     decode_on_device: bool) -> tuple[float, np.ndarray]:
+    """Seconds of extract_features over `paths` (after a warm-up on CUDA) and the features [N, FEATURE_SIZE]."""
+    device = runtime.device
+    options = extraction_options(cfg, runtime) | {"decode_on_device": decode_on_device}
+    out, readable = new_feature_arrays(len(paths))
+    where = "GPU" if decode_on_device else "CPU"
+    if device.type == "cuda":  # warm-up: cuDNN picks its algorithms on the first batches
+        warm = paths[: 2 * cfg.extract_batch_size]
+        extract_features(encoder, warm, out[: len(warm)], readable[: len(warm)], desc="warm-up", **options)
+    synchronize(device)
+    started = time.perf_counter()
+    extract_features(encoder, paths, out, readable, desc=f"features ({where} decode)", **options)
+    synchronize(device)
+    return time.perf_counter() - started, out[:, 0]
+
+
+def feature_cosine(features: np.ndarray, reference: np.ndarray) -> float:
+    """Mean cosine similarity of two extractions' features, each row against the same image's row of `reference`,
+    measured from the mean of `reference`: random-ResNet features share a large offset, so compare what varies."""
+    reference = torch.from_numpy(reference).float()
+    centre = reference.mean(0)
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(features).float() - centre, reference - centre)
+    return float(cosine.mean())
 
 
 def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: bool) -> TrainConfig:
@@ -339,11 +384,6 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
     gc.collect()  # the DataLoader's persistent workers exit (and are counted) when it is collected
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     metrics = result["metrics"]
-
-    def captions_per_s(epochs: list[dict]) -> float:
-        captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in epochs)
-        return round(captions / sum(m["epoch_seconds"] for m in epochs), 1)
-
     return {
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(cpu, 2),
@@ -362,6 +402,12 @@ def timed_training(config: TrainConfig, device: torch.device) -> dict:
         "cache": result["cache"],
         "cuda_peak_mib": cuda_peak_mib(device),
     }
+
+
+def captions_per_s(epochs: list[dict]) -> float:
+    """Training throughput over these epochs' metrics: all their captions over all their seconds."""
+    captions = sum(m["captions_per_second"] * m["epoch_seconds"] for m in epochs)
+    return round(captions / sum(m["epoch_seconds"] for m in epochs), 1)
 
 
 def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.device,
@@ -389,6 +435,7 @@ def measure_training(cfg: BenchConfig, root: Path, work: Path, device: torch.dev
 
 
 def rate(images: int, seconds: float) -> float:
+    """Images per second, to one decimal."""
     return round(images / seconds, 1)
 
 
@@ -403,25 +450,13 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
     count = min(cfg.decode_images, len(cached))
     features = encoder.embed(torch.from_numpy(np.array(cached[:count, 0])).float().to(device))
     single = features[: min(cfg.one_at_a_time_images, count)]
-
-    def one_at_a_time(decode) -> tuple[float, list]:
-        decode(single[:1])  # warm-up
-        synchronize(device)
-        started = time.perf_counter()
-        outputs = [decode(feature.view(1, -1)) for feature in single]
-        return time.perf_counter() - started, outputs
-
-    def batched(decode) -> tuple[float, list]:
-        decode(features[: min(8, count)])  # warm-up
-        synchronize(device)
-        started = time.perf_counter()
-        outputs = [ids for s in range(0, count, cfg.decode_batch) for ids in decode(features[s : s + cfg.decode_batch])]
-        return time.perf_counter() - started, outputs
-
-    sample_seconds, sampled = one_at_a_time(lambda f: decoder.sample(f.view(1, 1, -1), max_len=MAX_DECODE_LEN))
-    greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN))
-    beam_single_seconds, beams_single = one_at_a_time(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0])
-    beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN))
+    batch = cfg.decode_batch
+    sample_seconds, sampled = one_at_a_time(
+        lambda f: decoder.sample(f.view(1, 1, -1), max_len=MAX_DECODE_LEN), single, device)
+    greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN), features, batch, device)
+    beam_single_seconds, beams_single = one_at_a_time(
+        lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0], single, device)
+    beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN), features, batch, device)
     result = {
         "images_batched": count,
         "images_one_at_a_time": len(single),
@@ -431,15 +466,40 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
         "beam3_one_at_a_time_images_per_s": rate(len(single), beam_single_seconds),
         "beam3_batched_images_per_s": rate(count, beam_seconds),
         # batched and one-at-a-time decoding of the same images should give the same captions
-        "greedy_agreement": round(float(np.mean([a == b for a, b in zip(sampled, greedy, strict=False)])), 3),
-        "beam3_agreement": round(float(np.mean([a == b for a, b in zip(beams_single, beams, strict=False)])), 3),
+        "greedy_agreement": agreement(sampled, greedy),
+        "beam3_agreement": agreement(beams_single, beams),
         "mean_caption_ids": round(float(np.mean([len(ids) for ids in greedy])), 2),
         "cuda_peak_mib": cuda_peak_mib(device),
     }
     if profile_dir is not None:
         result["profile"] = profiled(device, profile_dir / "beam",
-                                     lambda: decoder.beam_search(features[: cfg.decode_batch], 3, MAX_DECODE_LEN))
+                                     lambda: decoder.beam_search(features[:batch], 3, MAX_DECODE_LEN))
     return result
+
+
+def one_at_a_time(decode: Callable[[torch.Tensor], list], features: torch.Tensor,
+                  device: torch.device) -> tuple[float, list]:
+    """Seconds to `decode` each feature row as a batch of one (after a warm-up call), and the outputs."""
+    decode(features[:1])  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    outputs = [decode(feature.view(1, -1)) for feature in features]
+    return time.perf_counter() - started, outputs
+
+
+def batched(decode: Callable[[torch.Tensor], list], features: torch.Tensor, batch: int,
+            device: torch.device) -> tuple[float, list]:
+    """Seconds to `decode` the feature rows `batch` at a time (after a warm-up call), and one output per row."""
+    decode(features[: min(8, len(features))])  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    outputs = [ids for s in range(0, len(features), batch) for ids in decode(features[s : s + batch])]
+    return time.perf_counter() - started, outputs
+
+
+def agreement(outputs: list, others: list) -> float:
+    """The share of images whose two decodings are the same, to three decimals."""
+    return round(float(np.mean([a == b for a, b in zip(outputs, others, strict=False)])), 3)
 
 
 def peak_rss_mib() -> dict:
@@ -475,16 +535,7 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     extraction, training and beam search, made after the timed runs of each (so they do not slow them)."""
     runtime = start_runtime(cfg.device)
     device = runtime.device
-    machine = {
-        "date": date.today().isoformat(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    machine = machine_info(device)
     root = work / "data"
     started = time.perf_counter()
     data = make_bench_data(root, cfg.images, max(cfg.images // 5, 8), cfg.word_list)
@@ -494,17 +545,7 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     training = measure_training(cfg, root, work, device, profile_dir)
     decoding = measure_decoding(cfg, training["cache"], device, profile_dir)
     cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
-    speedups = {
-        "train_3_epochs": round(per_caption["wall_seconds"] / cold["wall_seconds"], 2),
-        "train_3_epochs_cache_on_disk": round(per_caption["wall_seconds"] / warm["wall_seconds"], 2),
-        "train_3_epochs_cpu_time": round(per_caption["cpu_seconds"] / cold["cpu_seconds"], 2),
-        "train_captions_per_s": round(cold["captions_per_s"] / per_caption["captions_per_s"], 2),
-        "greedy_batched": round(
-            decoding["greedy_batched_images_per_s"] / decoding["sample_one_at_a_time_images_per_s"], 2),
-        "beam_batched": round(
-            decoding["beam3_batched_images_per_s"] / decoding["beam3_one_at_a_time_images_per_s"], 2),
-        "setup_second_run": round(cold["setup_seconds"] / warm["setup_seconds"], 2),
-    }
+    ratios = speedups(training, decoding)
     for run in (cold, warm, per_caption):
         del run["files"], run["cache"]
     phase_peaks = [p["cuda_peak_mib"] or 0.0 for p in (extraction, cold, warm, per_caption, decoding)]
@@ -518,7 +559,7 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
                   "second_run_reused_feature_cache": not warm["cache_built"]},
         "decoding": decoding,
         "memory": peak_rss_mib() | {"cuda_max_allocated_mib": max(phase_peaks) if device.type == "cuda" else None},
-        "speedups": speedups,
+        "speedups": ratios,
     }
     if profile_dir is not None:
         results["profile"] = {"folder": str(profile_dir), "extract": extraction.pop("profile"),
@@ -528,6 +569,37 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     return results
 
 
+def machine_info(device: torch.device) -> dict:
+    """Where the run happens: date, platform, versions, cores, the device, and the load average at the start."""
+    return {
+        "date": date.today().isoformat(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def speedups(training: dict, decoding: dict) -> dict:
+    """The headline ratios, each against the baseline of the same run: training from the cache vs per caption,
+    batched vs one-at-a-time decoding, and the first run's setup vs the second's."""
+    cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
+    return {
+        "train_3_epochs": round(per_caption["wall_seconds"] / cold["wall_seconds"], 2),
+        "train_3_epochs_cache_on_disk": round(per_caption["wall_seconds"] / warm["wall_seconds"], 2),
+        "train_3_epochs_cpu_time": round(per_caption["cpu_seconds"] / cold["cpu_seconds"], 2),
+        "train_captions_per_s": round(cold["captions_per_s"] / per_caption["captions_per_s"], 2),
+        "greedy_batched": round(
+            decoding["greedy_batched_images_per_s"] / decoding["sample_one_at_a_time_images_per_s"], 2),
+        "beam_batched": round(
+            decoding["beam3_batched_images_per_s"] / decoding["beam3_one_at_a_time_images_per_s"], 2),
+        "setup_second_run": round(cold["setup_seconds"] / warm["setup_seconds"], 2),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,13 +607,21 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
 
 def format_table(results: dict) -> str:
     """The figures as one plain-text table, then PASS/FAIL per target."""
-    d, e, t, dec, s = (results[k] for k in ("data", "feature_extraction", "training", "decoding", "speedups"))
-    cfg, memory = results["config"], results["memory"]
+    rows = [*setup_rows(results), *training_rows(results), *decoding_rows(results), *profile_rows(results)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join([*lines, "", *(target_line(target) for target in results["targets"])])
 
-    def number(value, digits: int = 1) -> str:
-        return "n/a" if value is None else f"{value:,.{digits}f}"
 
-    rows = [
+def number(value: float | None, digits: int = 1) -> str:
+    """A figure with thousands separators, or n/a where it was not measured."""
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def setup_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of what was measured: the data, the model, and feature extraction."""
+    d, e, cfg = results["data"], results["feature_extraction"], results["config"]
+    return [
         ("data", f"{d['train_images']} train + {d['val_images']} val JPEGs 640x480 ({d['jpeg_kib_mean']} KiB), "
                  f"{d['captions']} captions, length mean {d['caption_length_mean']}, p5-p95 "
                  f"{d['caption_length_p5']:.0f}-{d['caption_length_p95']:.0f}, max {d['caption_length_max']}"),
@@ -550,6 +630,13 @@ def format_table(results: dict) -> str:
                   f"device {cfg['device']}"),
         ("features, CPU decode", f"{number(e['cpu_decode_images_per_s'])} images/s"),
         ("features, GPU decode", f"{number(e['gpu_decode_images_per_s'])} images/s"),
+    ]
+
+
+def training_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of the training runs: throughput, 3-epoch times and losses, speedups, load, setup, COCO epoch."""
+    t, s, machine, setup = results["training"], results["speedups"], results["machine"], results["setup"]
+    return [
         ("train, from cache", f"{number(t['cache']['captions_per_s'])} captions/s, "
                               f"{number(t['cache']['captions_per_s_after_first_epoch'])} after the first epoch"),
         ("train, per caption", f"{number(t['per_caption']['captions_per_s'])} captions/s "
@@ -564,11 +651,17 @@ def format_table(results: dict) -> str:
                               f"x{s['train_3_epochs_cpu_time']} in CPU time (cache built in run)"),
         ("CPU time, 3 epochs", f"{t['cache']['cpu_seconds']:.1f} s cache (built in run), "
                                f"{t['per_caption']['cpu_seconds']:.1f} s per caption"),
-        ("load average (1 min)", f"{results['machine']['load_average_at_start'][0]} at start, "
-                                 f"{results['machine']['load_average_at_end'][0]} at end (other programs)"),
-        ("setup, first / second run", f"{results['setup']['first_seconds']:.2f} s / "
-                                      f"{results['setup']['second_seconds']:.2f} s"),
+        ("load average (1 min)", f"{machine['load_average_at_start'][0]} at start, "
+                                 f"{machine['load_average_at_end'][0]} at end (other programs)"),
+        ("setup, first / second run", f"{setup['first_seconds']:.2f} s / {setup['second_seconds']:.2f} s"),
         ("COCO epoch from cache", f"{t['coco_epoch_seconds']:.1f} s (extrapolated, 414,113 captions)"),
+    ]
+
+
+def decoding_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of decoding throughput (with speedups and agreement) and of peak memory."""
+    dec, s, memory = results["decoding"], results["speedups"], results["memory"]
+    return [
         ("decode, sample() 1 at a time", f"{number(dec['sample_one_at_a_time_images_per_s'])} images/s"),
         ("decode, greedy batched", f"{number(dec['greedy_batched_images_per_s'])} images/s "
                                    f"(x{s['greedy_batched']}, same captions {dec['greedy_agreement']:.0%})"),
@@ -578,18 +671,21 @@ def format_table(results: dict) -> str:
         ("peak RSS (main / worker)", f"{memory['rss_peak_mib']:.0f} MiB / {memory['children_rss_peak_mib']:.0f} MiB"),
         ("CUDA max allocated", f"{number(memory['cuda_max_allocated_mib'], 0)} MiB"),
     ]
-    for phase, summary in (results.get("profile") or {}).items():
-        if phase != "folder":
-            rows.append((f"profile, {phase}", profile_line(summary, Path(results["profile"]["folder"]) / phase)))
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    lines.append("")
-    for target in results["targets"]:
-        value = target["value"]
-        shown = "n/a" if value is None else f"{value:,.4g}"
-        verdict = "PASS" if target["passed"] else "FAIL"
-        lines.append(f"{verdict}  {target['label']}: {shown} (target {target['bound']} {target['threshold']:,.4g})")
-    return "\n".join(lines)
+
+
+def profile_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of the --profile records, one per phase; none without --profile."""
+    profile = results.get("profile") or {}
+    return [(f"profile, {phase}", profile_line(summary, Path(profile["folder"]) / phase))
+            for phase, summary in profile.items() if phase != "folder"]
+
+
+def target_line(target: dict) -> str:
+    """One target's verdict line: PASS or FAIL, what it measures, the figure and the bound."""
+    value = target["value"]
+    shown = "n/a" if value is None else f"{value:,.4g}"
+    verdict = "PASS" if target["passed"] else "FAIL"
+    return f"{verdict}  {target['label']}: {shown} (target {target['bound']} {target['threshold']:,.4g})"
 
 
 def write_json(results: dict, path: Path) -> None:

@@ -22,9 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import decoding
+from config import add_captioning_options, positive_int
 from data_loader import image_batches
+from decoding import END_ID
 from fileio import atomic_write
-from model import END_ID, DecoderRNN, EncoderCNN, load_pretrained, resolve_device
+from model import DecoderRNN, EncoderCNN, load_pretrained, resolve_device
 from vocabulary import Vocabulary
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -33,12 +36,17 @@ COCO_NAME = re.compile(r"(?:COCO_[A-Za-z]+\d*_|(?:train|val|test|restval)_)?(\d+
 
 
 def decode_features(
-    decoder: DecoderRNN, features: torch.Tensor, beam_size: int = 1, max_len: int = 20, end_id: int = END_ID
+    decoder: decoding.StepDecoder,
+    features: torch.Tensor,
+    beam_size: int = 1,
+    max_len: int = 20,
+    end_id: int = END_ID,
 ) -> list[list[int]]:
-    """Id sequences for image embeddings [B, E]: greedy for beam_size 1, else beam search."""
+    """Id sequences for a batch of image features (for DecoderRNN embeddings [B, E]), by any decoder with
+    decoding.py's step interface: greedy for beam_size 1, else beam search."""
     if beam_size == 1:
-        return decoder.greedy_search(features, max_len, end_id)
-    return decoder.beam_search(features, beam_size, max_len, end_id=end_id)
+        return decoding.greedy_search(decoder, features, max_len, end_id)
+    return decoding.beam_search(decoder, features, beam_size, max_len, end_id=end_id)
 
 
 @contextlib.contextmanager
@@ -138,65 +146,39 @@ def write_results(results: list[dict], path: str | os.PathLike) -> None:
         json.dump(results, f, indent=1)
 
 
-def _int_at_least(text: str, minimum: int, why: str = "") -> int:
-    """An argparse value: an integer >= minimum (so bad values fail at parse time, before any work)."""
-    value = int(text)
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, not {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def caption_length(text: str) -> int:
-    """An argparse type for --max-len: an integer >= 2, as it counts the <start> id and 1 gives empty captions."""
-    return _int_at_least(text, 2, " (it counts <start>: 1 gives empty captions)")
-
-
-MAX_LEN_HELP = (
-    "longest caption in ids, counting the <start> and <end> the model emits: N gives at most N-1 words "
-    "(default %(default)s)"
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: bad numbers fail here, before any work (argparse exits with code 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--encoder", required=True, help="encoder weights, e.g. models/encoder-3.pkl")
     parser.add_argument("--decoder", required=True, help="decoder weights, e.g. models/decoder-3.pkl")
     parser.add_argument("--vocab", default="vocab.pkl", help="the vocab.pkl the model was trained with")
-    parser.add_argument("--beam", type=positive_int, default=3, help="beam width; 1 is greedy decoding")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N, mps")
+    add_captioning_options(parser)
     parser.add_argument(
         "--image-size", type=positive_int, help="crop size (default: from train_config.json, or 224)"
     )
-    parser.add_argument("--max-len", type=caption_length, default=20, help=MAX_LEN_HELP)
-    parser.add_argument(
-        "--num-workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="image decoding workers (0: in this process)",
-    )
     parser.add_argument("--json", metavar="PATH", help="also write COCO results JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def load_model(args: argparse.Namespace) -> tuple[EncoderCNN, DecoderRNN, Vocabulary] | None:
+    """Encoder, decoder and vocabulary of the command line, after checking the --json path and the device;
+    None (the reason printed as one line on stderr) when any of them is unusable."""
     try:
         if args.json:
             check_writable(args.json)
         device = resolve_device(args.device)
-        encoder, decoder, vocab = load_pretrained(args.encoder, args.decoder, args.vocab, device)
+        return load_pretrained(args.encoder, args.decoder, args.vocab, device)
     except ValueError as e:  # WeightsFileError, VocabularyError, a bad device or output path: one line
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
+
+
+def caption_inputs(
+    args: argparse.Namespace, encoder: EncoderCNN, decoder: DecoderRNN, vocab: Vocabulary
+) -> tuple[list[Path], list[str | None], list[str]]:
+    """The image paths found under the inputs, their captions (None: unreadable) and the error lines of inputs
+    that gave no images (printed on stderr before the captioning starts)."""
     paths, errors = find_images(args.inputs)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -211,6 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.image_size,
         args.num_workers,
     )
+    return paths, captions, errors
+
+
+def report(args: argparse.Namespace, paths: list[Path], captions: list[str | None], errors: list[str]) -> int:
+    """Print `path<TAB>caption` lines and the count of unreadable files, write the --json results; the exit code:
+    2 when any input failed, gave no images or the results could not be written, else 0."""
     for path, caption in zip(paths, captions, strict=True):
         if caption is not None:
             print(f"{path}\t{caption}", flush=True)
@@ -231,6 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             return 2
     return 2 if failed or errors or not paths else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: parse, load the model, caption the images, report; returns the exit code."""
+    args = parse_args(argv)
+    model = load_model(args)
+    if model is None:
+        return 2
+    paths, captions, errors = caption_inputs(args, *model)
+    return report(args, paths, captions, errors)
 
 
 if __name__ == "__main__":

@@ -599,18 +599,8 @@ def get_loader(
 ) -> data.DataLoader:
     """The template's loader. Train/val batches come from a `BucketBatchSampler` (one caption length per batch);
     `annotations_file=`/`img_folder=` point at any COCO-format data instead of the `cocoapi_loc` layout."""
-    if mode not in ("train", "val", "test"):
-        raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
-    if mode == "train" and not vocab_from_file and vocab_threshold is None:
-        raise ValueError("to build a vocabulary (vocab_from_file=False) give vocab_threshold")
-    if mode == "val" and not os.path.exists(vocab_file):
-        raise FileNotFoundError(f"{vocab_file}: {mode} mode needs the vocabulary made in train mode")
-    folder = {"train": "train2014", "val": "val2014", "test": "test2014"}[mode]
-    info = {"train": "captions_train2014", "val": "captions_val2014", "test": "image_info_test2014"}[mode]
-    if annotations_file is None:
-        annotations_file = os.path.join(cocoapi_loc, f"cocoapi/annotations/{info}.json")
-    if img_folder is None:
-        img_folder = os.path.join(cocoapi_loc, f"cocoapi/images/{folder}/")
+    _check_loader_mode(mode, vocab_threshold, vocab_file, vocab_from_file)
+    template_annotations, template_images = _cocoapi_files(mode, cocoapi_loc)
     dataset = CoCoDataset(
         transform=transform,
         mode=mode,
@@ -620,19 +610,43 @@ def get_loader(
         start_word=start_word,
         end_word=end_word,
         unk_word=unk_word,
-        annotations_file=annotations_file,
+        annotations_file=template_annotations if annotations_file is None else annotations_file,
         vocab_from_file=vocab_from_file if mode == "train" else True,
-        img_folder=img_folder,
+        img_folder=template_images if img_folder is None else img_folder,
     )
     worker_options = {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": pin_memory}
-    if mode == "test":
-        return data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle is not False, collate_fn=collate_skip, **worker_options
-        )
+    return _dataset_loader(dataset, shuffle, seed, num_replicas, rank, worker_options)
+
+
+def _check_loader_mode(mode: str, vocab_threshold: int | None, vocab_file: str, vocab_from_file: bool) -> None:
+    """The errors of `get_loader` before it reads anything: an unknown mode, or a vocabulary it cannot make or find."""
+    if mode not in ("train", "val", "test"):
+        raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+    if mode == "train" and not vocab_from_file and vocab_threshold is None:
+        raise ValueError("to build a vocabulary (vocab_from_file=False) give vocab_threshold")
+    if mode == "val" and not os.path.exists(vocab_file):
+        raise FileNotFoundError(f"{vocab_file}: {mode} mode needs the vocabulary made in train mode")
+
+
+def _cocoapi_files(mode: str, cocoapi_loc: str) -> tuple[str, str]:
+    """The annotation file and image folder of `mode` in the template's layout under `cocoapi_loc`."""
+    folder = {"train": "train2014", "val": "val2014", "test": "test2014"}[mode]
+    info = {"train": "captions_train2014", "val": "captions_val2014", "test": "image_info_test2014"}[mode]
+    return (os.path.join(cocoapi_loc, f"cocoapi/annotations/{info}.json"),
+            os.path.join(cocoapi_loc, f"cocoapi/images/{folder}/"))
+
+
+def _dataset_loader(dataset: CoCoDataset, shuffle: bool | None, seed: int, num_replicas: int, rank: int,
+                    worker_options: dict) -> data.DataLoader:
+    """The DataLoader of `get_loader`: test images in plain batches, train/val captions by length bucket (this
+    rank's share); `shuffle=None` shuffles train and test, not val."""
+    if dataset.mode == "test":
+        return data.DataLoader(dataset, batch_size=dataset.batch_size, shuffle=shuffle is not False,
+                               collate_fn=collate_skip, **worker_options)
     sampler = BucketBatchSampler(
         [len(c) for c in dataset.caption_ids],
-        batch_size,
-        shuffle=(mode == "train") if shuffle is None else shuffle,
+        dataset.batch_size,
+        shuffle=(dataset.mode == "train") if shuffle is None else shuffle,
         seed=seed,
         num_replicas=num_replicas,
         rank=rank,

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -28,15 +29,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 from tqdm.auto import tqdm
 
-from caption import (
-    MAX_LEN_HELP,
-    caption_image_files,
-    caption_length,
-    check_writable,
-    non_negative_int,
-    positive_int,
-    write_results,
-)
+from caption import caption_image_files, check_writable, write_results
+from config import add_captioning_options, non_negative_int
 from data_loader import coco_image_files, dataset_paths
 from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
 from vocabulary import Vocabulary, VocabularyError
@@ -301,6 +295,25 @@ def score_captions(
     `per_image=True` the result also has 'per_image': {image_id: {metric: score}}, e.g. for the best/worst.
     """
     check_results(results, references)
+    use_java = _resolve_java(use_java)
+    # METEOR's JVM takes ~10 s to load its paraphrase table: start it now, it loads while we tokenize.
+    meteor = Meteor() if use_java else None
+    candidate = {result["image_id"]: result["caption"] for result in results}
+    image_ids = [image_id for image_id in references if image_id in candidate]
+    gts = tokenize_captions({i: references[i] for i in image_ids}, use_java)
+    res = tokenize_captions({i: [candidate[i]] for i in image_ids}, use_java)
+    scores, image_scores = _compute_scores(_scorers(meteor), gts, res)
+    scores = metrics_only(scores)
+    if per_image:
+        scores["per_image"] = {
+            image_id: {metric: float(values[k]) for metric, values in image_scores.items()}
+            for k, image_id in enumerate(image_ids)
+        }
+    return scores
+
+
+def _resolve_java(use_java: bool | None) -> bool:
+    """Whether to use Java: None means "if it is on PATH" (with a note when not); True without it is an error."""
     if use_java is None:
         use_java = java_available()
         if not use_java:
@@ -310,13 +323,11 @@ def score_captions(
             )
     elif use_java and not java_available():
         raise RuntimeError("use_java=True but no `java` on PATH")
-    # METEOR's JVM takes ~10 s to load its paraphrase table: start it now, it loads while we tokenize.
-    meteor = Meteor() if use_java else None
-    candidate = {result["image_id"]: result["caption"] for result in results}
-    image_ids = [image_id for image_id in references if image_id in candidate]
-    gts = tokenize_captions({i: references[i] for i in image_ids}, use_java)
-    res = tokenize_captions({i: [candidate[i]] for i in image_ids}, use_java)
+    return use_java
 
+
+def _scorers(meteor: Meteor | None) -> list[tuple[tuple[str, ...], Callable]]:
+    """(metric names, compute_score) of each pycocoevalcap scorer, in coco-caption's order; METEOR only if given."""
     scorers = [
         (METRICS[:4], partial(Bleu(4).compute_score, verbose=0)),  # verbose would print to stdout
         (("ROUGE-L",), Rouge().compute_score),
@@ -324,22 +335,27 @@ def score_captions(
     ]
     if meteor is not None:
         scorers.insert(1, (("METEOR",), meteor.compute_score))
-    scores: dict = {}
+    return scorers
+
+
+def _compute_scores(
+    scorers: list[tuple[tuple[str, ...], Callable]], gts: dict[int, list[str]], res: dict[int, list[str]]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each metric's corpus score and per-image scores (in `gts` order), from tokenized references and candidates."""
+    scores: dict[str, float] = {}
     image_scores: dict[str, list[float]] = {}
-    for names, compute_score in tqdm(scorers, desc="scoring", unit="metric", disable=len(image_ids) < 1000):
+    for names, compute_score in tqdm(scorers, desc="scoring", unit="metric", disable=len(gts) < 1000):
         score, per_image_scores = compute_score(gts, res)
         if len(names) == 1:
             score, per_image_scores = [score], [per_image_scores]
         for name, value, values in zip(names, score, per_image_scores, strict=True):
             scores[name], image_scores[name] = float(value), values
+    return scores, image_scores
 
-    scores = {metric: scores[metric] for metric in METRICS if metric in scores}
-    if per_image:
-        scores["per_image"] = {
-            image_id: {metric: float(values[k]) for metric, values in image_scores.items()}
-            for k, image_id in enumerate(image_ids)
-        }
-    return scores
+
+def metrics_only(scores: dict) -> dict[str, float]:
+    """The metrics of a scores dict in METRICS order, without 'per_image' or other keys."""
+    return {metric: scores[metric] for metric in METRICS if metric in scores}
 
 
 def format_table(scores: dict) -> str:
@@ -497,6 +513,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scored = parser.add_argument_group("score a results file")
     scored.add_argument("--results", help='COCO results JSON: [{"image_id": int, "caption": str}]')
     scored.add_argument("--annotations", help="COCO captions JSON, e.g. captions_val2014.json")
+    _add_model_options(parser)
+    _add_output_options(parser)
+    return parser.parse_args(argv)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `evaluate_main`, in a group of their own: which model (and baseline), which split, how."""
     model = parser.add_argument_group("caption a split with a model, then score it")
     model.add_argument("--encoder", help="encoder-N.pkl")
     model.add_argument("--decoder", help="decoder-N.pkl")
@@ -510,20 +533,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--data", choices=["coco", "sample"], default=os.environ.get("CAPTION_DATA", "coco"))
     model.add_argument("--root", help="dataset root (default data/coco or data/sample)")
     model.add_argument("--split", choices=EVAL_SPLITS, default="val")
-    model.add_argument("--beam", type=positive_int, default=3, help="beam width (1 = greedy)")
-    model.add_argument("--batch-size", type=positive_int, default=64)
-    model.add_argument("--max-len", type=caption_length, default=20, help=MAX_LEN_HELP)
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    model.add_argument(
-        "--num-workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="image decoding workers (0: in this process)",
-    )
+    add_captioning_options(model)
     model.add_argument("--save-results", metavar="PATH", help="write the model's captions as COCO results JSON")
     model.add_argument(
         "--examples", type=non_negative_int, default=0, metavar="N", help="print N images' captions and references"
     )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """The options of both ways to run: output format, repeated image ids, examples, Java."""
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
     parser.add_argument(
         "--first-caption-per-image",
@@ -542,7 +560,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="tokenize in Python and skip METEOR even when java is available",
     )
-    return parser.parse_args(argv)
+
+
+def _use_java(args: argparse.Namespace) -> bool | None:
+    """`score_captions`' use_java for the options: False with --no-java, else None (Java if it is on PATH)."""
+    return False if args.no_java else None
+
+
+def _examples(
+    args: argparse.Namespace, scores: dict, results: list[dict], references: dict[int, list[str]]
+) -> dict[str, list[dict]] | None:
+    """The --show-examples N best and N worst images by CIDEr (`best_and_worst`), or None without the option."""
+    if args.show_examples <= 0:
+        return None
+    return best_and_worst(scores, results, references, args.show_examples)
+
+
+def _json_report(report: dict, examples: dict[str, list[dict]] | None) -> str:
+    """The --json output: the report, and the examples when there are any."""
+    return json.dumps({**report, "examples": examples} if examples else report, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,17 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --results needs --annotations (the COCO captions file to score against)", file=sys.stderr)
         return 2
     try:
-        references = references_from_coco(args.annotations)
-        results = load_results(args.results)
-        if args.first_caption_per_image:
-            results, dropped = first_caption_per_image(results)
-            if dropped:
-                print(
-                    f"warning: {args.results}: dropped {dropped} extra captions of repeated image ids, "
-                    "kept the first of each",
-                    file=sys.stderr,
-                )
-        check_results(results, references, str(args.results), str(args.annotations))
+        results, references = _read_scored_files(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -572,16 +598,11 @@ def main(argv: list[str] | None = None) -> int:
         f"scoring {len(results)} images (of {len(references)} with references in {args.annotations})",
         file=sys.stderr,
     )
-
-    scores = score_captions(
-        results, references, use_java=False if args.no_java else None, per_image=args.show_examples > 0
-    )
-    examples = (
-        best_and_worst(scores, results, references, args.show_examples) if args.show_examples > 0 else None
-    )
-    metrics = {metric: scores[metric] for metric in METRICS if metric in scores}
+    scores = score_captions(results, references, use_java=_use_java(args), per_image=args.show_examples > 0)
+    examples = _examples(args, scores, results, references)
+    metrics = metrics_only(scores)
     if args.json:
-        print(json.dumps({**metrics, "examples": examples} if examples else metrics, indent=2))
+        print(_json_report(metrics, examples))
     else:
         print(format_table(metrics))
         if examples:
@@ -589,65 +610,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _read_scored_files(args: argparse.Namespace) -> tuple[list[dict], dict[int, list[str]]]:
+    """The --results captions (first per image with --first-caption-per-image) and the --annotations references,
+    checked against each other; ValueError (InputFileError) names the file that is wrong."""
+    references = references_from_coco(args.annotations)
+    results = load_results(args.results)
+    if args.first_caption_per_image:
+        results, dropped = first_caption_per_image(results)
+        if dropped:
+            print(
+                f"warning: {args.results}: dropped {dropped} extra captions of repeated image ids, "
+                "kept the first of each",
+                file=sys.stderr,
+            )
+    check_results(results, references, str(args.results), str(args.annotations))
+    return results, references
+
+
 def evaluate_main(args: argparse.Namespace) -> int:
     """`evaluate.py --encoder/--decoder/--vocab` or `--models DIR`: caption a split, score, compare with a baseline."""
-    use_java = False if args.no_java else None
     try:
-        if args.models and (args.encoder or args.decoder or args.vocab):
-            raise InputFileError(
-                "--models DIR takes the weights and vocab.pkl from DIR: give either it or --encoder, --decoder "
-                "and --vocab"
-            )
-        if args.models:
-            weights = latest_weights(args.models)
-        elif args.encoder and args.decoder and args.vocab:
-            weights = (Path(args.encoder), Path(args.decoder), Path(args.vocab))
-        else:
-            raise InputFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
-        if args.save_results:
-            check_writable(args.save_results)
-        runs = {"model": weights}
-        if args.baseline:
-            runs["baseline"] = latest_weights(args.baseline)
-        evaluations = {}
-        for name, (encoder_path, decoder_path, vocab_path) in runs.items():
-            encoder, decoder, vocab = load_pretrained(encoder_path, decoder_path, vocab_path, device=args.device)
-            print(f"{name}: {encoder_path.name}, {decoder_path.name}, beam {args.beam}, {args.split} split", file=sys.stderr)
-            evaluations[name] = evaluate_model(
-                encoder, decoder, vocab, args.split, beam=args.beam, data=args.data, root=args.root,
-                batch_size=args.batch_size, max_len=args.max_len, use_java=use_java,
-                per_image=args.show_examples > 0, num_workers=args.num_workers,
-            )
+        evaluations = _evaluate_models(args)
     except (ValueError, OSError, VocabularyError, WeightsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _warn_unreadable(evaluations)
     model = evaluations["model"]
-    for name, ev in evaluations.items():
-        if ev["unreadable"]:
-            print(
-                f"warning: {name}: {ev['unreadable']} of {len(ev['results']) + ev['unreadable']} images could not "
-                "be read and were left out of the scores",
-                file=sys.stderr,
-            )
-    metrics = {name: {m: ev["scores"][m] for m in METRICS if m in ev["scores"]} for name, ev in evaluations.items()}
-    examples = (
-        best_and_worst(model["scores"], model["results"], model["references"], args.show_examples)
-        if args.show_examples > 0
-        else None
-    )
+    examples = _examples(args, model["scores"], model["results"], model["references"])
     if args.json:
-        counts = {name: {"images": len(ev["results"]), "unreadable": ev["unreadable"]} for name, ev in evaluations.items()}
-        report = {name: {**metrics[name], **counts[name]} for name in evaluations}
-        print(json.dumps({**report, "examples": examples} if examples else report, indent=2))
+        print(_json_report(_evaluations_report(evaluations), examples))
     else:
-        print(format_comparison(metrics) if len(metrics) > 1 else format_table(metrics["model"]))
-        for name, ev in evaluations.items():
-            print(f"{name}: {len(ev['results'])} images scored, {ev['unreadable']} unreadable (left out)")
-        if examples:
-            print(format_examples(examples))
-        if args.examples:
-            others = {name: ev["results"] for name, ev in evaluations.items() if name != "model"}
-            print(format_captions(model["results"], model["references"], args.examples, **others))
+        _print_evaluations(evaluations, examples, args.examples)
     if args.save_results:  # after the scores are printed: a failed write loses nothing
         try:
             write_results(model["results"], args.save_results)
@@ -655,6 +648,74 @@ def evaluate_main(args: argparse.Namespace) -> int:
             print(f"error: {args.save_results}: cannot write ({e.strerror or e})", file=sys.stderr)
             return 2
     return 0
+
+
+def _model_weights(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """The model's encoder, decoder and vocab files: from --models DIR, or --encoder, --decoder and --vocab."""
+    if args.models and (args.encoder or args.decoder or args.vocab):
+        raise InputFileError(
+            "--models DIR takes the weights and vocab.pkl from DIR: give either it or --encoder, --decoder "
+            "and --vocab"
+        )
+    if args.models:
+        return latest_weights(args.models)
+    if args.encoder and args.decoder and args.vocab:
+        return (Path(args.encoder), Path(args.decoder), Path(args.vocab))
+    raise InputFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
+
+
+def _evaluate_models(args: argparse.Namespace) -> dict[str, dict]:
+    """`evaluate_model` of the model and of the --baseline, by name; both are found before the first one loads."""
+    weights = _model_weights(args)
+    if args.save_results:
+        check_writable(args.save_results)
+    runs = {"model": weights}
+    if args.baseline:
+        runs["baseline"] = latest_weights(args.baseline)
+    evaluations = {}
+    for name, (encoder_path, decoder_path, vocab_path) in runs.items():
+        encoder, decoder, vocab = load_pretrained(encoder_path, decoder_path, vocab_path, device=args.device)
+        print(f"{name}: {encoder_path.name}, {decoder_path.name}, beam {args.beam}, {args.split} split", file=sys.stderr)
+        evaluations[name] = evaluate_model(
+            encoder, decoder, vocab, args.split, beam=args.beam, data=args.data, root=args.root,
+            batch_size=args.batch_size, max_len=args.max_len, use_java=_use_java(args),
+            per_image=args.show_examples > 0, num_workers=args.num_workers,
+        )
+    return evaluations
+
+
+def _warn_unreadable(evaluations: dict[str, dict]) -> None:
+    """A warning on stderr for each evaluation that left out images it could not read."""
+    for name, ev in evaluations.items():
+        if ev["unreadable"]:
+            print(
+                f"warning: {name}: {ev['unreadable']} of {len(ev['results']) + ev['unreadable']} images could not "
+                "be read and were left out of the scores",
+                file=sys.stderr,
+            )
+
+
+def _evaluations_report(evaluations: dict[str, dict]) -> dict[str, dict]:
+    """The --json report of `evaluate_main`: each model's metrics, images scored and images unreadable."""
+    return {
+        name: {**metrics_only(ev["scores"]), "images": len(ev["results"]), "unreadable": ev["unreadable"]}
+        for name, ev in evaluations.items()
+    }
+
+
+def _print_evaluations(evaluations: dict[str, dict], examples: dict[str, list[dict]] | None, count: int) -> None:
+    """The text output of `evaluate_main`: the scores (side by side with a baseline), image counts, examples and
+    the first `count` images' captions."""
+    metrics = {name: metrics_only(ev["scores"]) for name, ev in evaluations.items()}
+    print(format_comparison(metrics) if len(metrics) > 1 else format_table(metrics["model"]))
+    for name, ev in evaluations.items():
+        print(f"{name}: {len(ev['results'])} images scored, {ev['unreadable']} unreadable (left out)")
+    if examples:
+        print(format_examples(examples))
+    if count:
+        model = evaluations["model"]
+        others = {name: ev["results"] for name, ev in evaluations.items() if name != "model"}
+        print(format_captions(model["results"], model["references"], count, **others))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import train
+from checkpoints import weights_digest
 from data_loader import BucketBatchSampler, dataset_paths
-from model import DecoderRNN, EncoderCNN
+from datasets import caption_table, read_split
+from model import Captioner, DecoderRNN, EncoderCNN
 from sample_data import make_sample_dataset
 from vocabulary import Vocabulary
 
@@ -46,10 +47,10 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
 
     # the saved weights are those weights
     vocab = Vocabulary.load(out / "vocab.pkl")
-    model = train.Captioner(EncoderCNN(64, pretrained=False), DecoderRNN(64, 64, len(vocab), 2))
+    model = Captioner(EncoderCNN(64, pretrained=False), DecoderRNN(64, 64, len(vocab), 2))
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     model.load_state_dict(checkpoint["model"], strict=False)
-    assert train.weights_digest(model) == digests[0]
+    assert weights_digest(model) == digests[0]
     assert checkpoint["world_size"] == 2
 
     # rank 0 reports, writes and builds; rank 1 only trains
@@ -67,7 +68,7 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
 
     # each process took its half of the batches
     paths = dataset_paths("sample", shared / "sample")
-    split = train.read_split(paths["train_annotations"], paths["train_images"])
-    lengths = train.caption_table(split, vocab, np.ones(len(split.image_ids), dtype=bool)).lengths
+    split = read_split(paths["train_annotations"], paths["train_images"])
+    lengths = caption_table(split, vocab, np.ones(len(split.image_ids), dtype=bool)).lengths
     steps = int(re.search(r"(\d+) steps/epoch", stdout[0]).group(1))
     assert steps == len(BucketBatchSampler(lengths, 16, num_replicas=2, rank=0)) < len(BucketBatchSampler(lengths, 16))

@@ -16,20 +16,31 @@ import torch.nn.functional as F
 
 import train
 import vocabulary
-from data_loader import dataset_paths
-from model import DecoderRNN, EncoderCNN
-from sample_data import make_sample_dataset
-from train import (
-    FeatureCache,
-    Runtime,
+from checkpoints import check_resumable, load_checkpoint
+from config import (
+    RESUME_MUST_MATCH,
     TrainConfig,
     TrainingDiverged,
     TrainingError,
-    caption_table,
-    feature_cache,
-    read_split,
+    build_parser,
     resolve_config,
 )
+from data_loader import dataset_paths
+from datasets import caption_table, read_split
+from features import (
+    CACHE_FORMAT,
+    FeatureCache,
+    cache_build_lock,
+    extract_features,
+    fcntl,
+    feature_cache,
+    feature_stats,
+    sampled_feature_stats,
+)
+from model import DecoderRNN, EncoderCNN
+from profiling import busy_time
+from runtime import Runtime
+from sample_data import make_sample_dataset
 from vocabulary import Vocabulary
 
 TINY = dict(image_size=32, embed_size=64, hidden_size=64, batch_size=32, num_workers=0, extract_batch_size=50)
@@ -160,7 +171,7 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
 
     outdated = tmp_path / "features" / "captions_val-32px-0123456789abcdef"  # written by an older train.py
     outdated.mkdir(parents=True)
-    (outdated / "key.json").write_text(json.dumps({"key": {"format": train.CACHE_FORMAT - 1}}))
+    (outdated / "key.json").write_text(json.dumps({"key": {"format": CACHE_FORMAT - 1}}))
     first = build()
     assert first.built and forwards and first.features.shape == (30, 2, 2048)
     assert not outdated.exists()
@@ -168,7 +179,7 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
     assert isinstance(first.features, np.memmap)
     # 20 batches of one image: written to the cache in two flushes (EXTRACT_FLUSH_BATCHES = 16), in the right rows
     one_by_one, flags = np.zeros((20, 1, 2048), dtype=np.float16), np.zeros(20, dtype=bool)
-    train.extract_features(encoder, split.paths[:20], one_by_one, flags, image_size=32, mirror=False, runtime=cpu,
+    extract_features(encoder, split.paths[:20], one_by_one, flags, image_size=32, mirror=False, runtime=cpu,
                            batch_size=1, num_workers=0, desc="one by one")
     assert flags.all()
     np.testing.assert_allclose(one_by_one[:, 0], first.features[:20, 0], rtol=0.02, atol=0.01)
@@ -218,7 +229,7 @@ def test_cache_miss_builds_hit_reuses_and_changes_invalidate(base, token_cache, 
     assert not temp_folders
 
 
-@pytest.mark.skipif(train.fcntl is None, reason="the build lock needs POSIX flock")
+@pytest.mark.skipif(fcntl is None, reason="the build lock needs POSIX flock")
 def test_a_run_wanting_a_cache_that_another_run_is_building_waits_and_reuses_it(base, token_cache, tmp_path, capsys):
     """Two runs started together build a cache once: the second waits on the build lock, then reads the cache."""
     paths = dataset_paths("sample", base / "sample")
@@ -234,7 +245,7 @@ def test_a_run_wanting_a_cache_that_another_run_is_building_waits_and_reuses_it(
         opened["cache"] = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=cache_dir, runtime=cpu,
                                         batch_size=16, num_workers=0)
 
-    with train.cache_build_lock(cache_dir):  # the first run is building
+    with cache_build_lock(cache_dir):  # the first run is building
         waiter = threading.Thread(target=second_run, name="second")
         waiter.start()
         waiter.join(timeout=1.0)
@@ -270,18 +281,18 @@ def test_resume_refuses_another_vocabulary_or_model_shape(trained, base, capsys)
     assert train.main(args + ["--hidden-size", "64", "--epochs", "8", "--backbone-seed", "1"]) == 2
     assert "trained on another ResNet-50 backbone" in cli_error(capsys)
     # every setting that shapes the run must match (checked in order: the first that differs is named)
-    checkpoint = train.load_checkpoint(out / "checkpoint.pt")
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
     cfg = TrainConfig(**checkpoint["config"])
     vocab = Vocabulary.load(out / "vocab.pkl")
     backbone = checkpoint["backbone_fingerprint"]
-    train.check_resumable(checkpoint, cfg, vocab, backbone, 1, out / "checkpoint.pt")  # the same run: fine
-    for name in train.RESUME_MUST_MATCH:
+    check_resumable(checkpoint, cfg, vocab, backbone, 1, out / "checkpoint.pt")  # the same run: fine
+    for name in RESUME_MUST_MATCH:
         other = replace(cfg, **{name: not getattr(cfg, name) if isinstance(getattr(cfg, name), bool)
                                 else getattr(cfg, name) + 1})
         with pytest.raises(TrainingError, match=f"cannot resume with --{name.replace('_', '-')} "):
-            train.check_resumable(checkpoint, other, vocab, backbone, 1, out / "checkpoint.pt")
+            check_resumable(checkpoint, other, vocab, backbone, 1, out / "checkpoint.pt")
     with pytest.raises(TrainingError, match="cannot resume on 2 processes: it was written by a run on 1"):
-        train.check_resumable(checkpoint, cfg, vocab, backbone, 2, out / "checkpoint.pt")
+        check_resumable(checkpoint, cfg, vocab, backbone, 2, out / "checkpoint.pt")
     assert before == {name: (out / name).read_bytes() for name in before}  # nothing was overwritten
 
 
@@ -398,8 +409,8 @@ def test_statistics_without_a_cache_come_from_the_images_as_the_cache_would_give
     cache = feature_cache(encoder, split, ("centre",), image_size=32, cache_dir=base / "features", runtime=cpu,
                           batch_size=16, num_workers=0)
     cfg = resolve_config(config(base, tmp_path / "out"))
-    sampled_mean, sampled_std = train.sampled_feature_stats(encoder, split.paths, cfg, cpu)
-    cached_mean, cached_std = train.feature_stats(cache.features, cache.readable)
+    sampled_mean, sampled_std = sampled_feature_stats(encoder, split.paths, cfg, cpu)
+    cached_mean, cached_std = feature_stats(cache.features, cache.readable)
     torch.testing.assert_close(sampled_mean, cached_mean, rtol=0.02, atol=0.02)
     torch.testing.assert_close(sampled_std, cached_std, rtol=0.05, atol=0.02)
 
@@ -413,7 +424,7 @@ def test_resume_refuses_a_checkpoint_whose_weights_or_epoch_length_do_not_fit(tr
     ]:
         out = tmp_path / name
         shutil.copytree(trained["out_dir"], out)
-        tampered = train.load_checkpoint(out / "checkpoint.pt")
+        tampered = load_checkpoint(out / "checkpoint.pt")
         change(tampered)
         torch.save(tampered, out / "checkpoint.pt")
         assert train.main(args + ["--out-dir", str(out)]) == 2
@@ -429,10 +440,10 @@ def test_an_image_path_run_stopped_mid_epoch_resumes_at_its_batch(base, token_ca
                  checkpoint_minutes=0, log_every=2)
     with pytest.raises(TrainingDiverged):
         train.train(config(base, out, nan_at_step=7, **small))
-    stopped = train.load_checkpoint(out / "checkpoint.pt")
+    stopped = load_checkpoint(out / "checkpoint.pt")
     assert stopped["step"] == 6 < stopped["steps_per_epoch"]
     train.train(config(base, out, resume=True, **small))
-    final = train.load_checkpoint(out / "checkpoint.pt")
+    final = load_checkpoint(out / "checkpoint.pt")
     assert final["global_step"] == final["steps_per_epoch"] == final["scheduler"]["last_epoch"]
 
 
@@ -482,7 +493,7 @@ def test_feature_stats_leave_out_unreadable_images_and_floor_the_spread():
     features[0, :, 0], features[2, :, 0] = (1.0, 3.0), (5.0, 7.0)  # dimension 0 varies: values 1, 3, 5, 7
     features[1] = 1000  # an unreadable image's row: whatever it holds must not count
     features[:, :, 1] = 2.0  # dimension 1 is constant
-    mean, std = train.feature_stats(features, np.array([True, False, True]))
+    mean, std = feature_stats(features, np.array([True, False, True]))
     assert mean[0] == 4.0 and std[0] == pytest.approx(np.std([1.0, 3.0, 5.0, 7.0]))
     assert mean[1] == 2.0 and mean[2:].abs().max() == 0
     # a constant dimension gets a small positive spread instead of 0 (standardising by it would divide by zero)
@@ -505,7 +516,7 @@ def test_presets_fill_only_what_is_not_set():
 
 
 def test_flags_come_from_the_config_fields():
-    args = train.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["--data", "coco", "--embed-size", "256", "--no-cache", "--lr", "0.01", "--no-pretrained", "--resume",
          "--profile", "prof"]
     )
@@ -518,10 +529,10 @@ def test_flags_come_from_the_config_fields():
 def test_gpu_busy_time_counts_overlapping_kernels_once():
     # what write_profile sums for "GPU busy": the union of the kernels' and copies' intervals (several streams
     # overlap during JPEG decoding), never more than the span they cover
-    assert train.busy_time([]) == 0
-    assert train.busy_time([(0, 10), (20, 25)]) == 15
-    assert train.busy_time([(0, 10), (5, 12), (2, 4), (30, 31), (11, 15)]) == 16
-    assert train.busy_time([(5, 6), (0, 10)]) == 10
+    assert busy_time([]) == 0
+    assert busy_time([(0, 10), (20, 25)]) == 15
+    assert busy_time([(0, 10), (5, 12), (2, 4), (30, 31), (11, 15)]) == 16
+    assert busy_time([(5, 6), (0, 10)]) == 10
 
 
 @pytest.mark.parametrize(
