@@ -2,6 +2,7 @@
 
     python caption.py IMAGE_OR_DIR [...] --encoder models/encoder-3.pkl --decoder models/decoder-3.pkl \\
         --vocab vocab.pkl [--beam 3] [--batch-size 64] [--max-len 20] [--device auto] [--json results.json]
+    python caption.py IMAGE ... [--attention-map map.png]   # an attention decoder: where it looked for each word
 
 Prints `path<TAB>caption` per image. Folders are searched (recursively) for image files. A file that cannot be read
 as an image is reported on stderr and the others are still captioned; the exit code is then 2.
@@ -20,14 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from torchvision import transforms
 from tqdm.auto import tqdm
 
 import decoding
 from config import add_captioning_options, positive_int
-from data_loader import image_batches
 from decoding import END_ID
 from fileio import atomic_write
-from model import DecoderRNN, EncoderCNN, load_pretrained, resolve_device
+from image_io import UnreadableImage, image_batches, load_image, resize_side
+from model import AttentionDecoder, DecoderRNN, EncoderCNN, GridEncoder, load_pretrained, resolve_device
+from plots import plot_attention, save_figure
 from vocabulary import Vocabulary
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -94,6 +98,43 @@ def caption_image_files(
     return captions
 
 
+@torch.no_grad()
+def caption_with_attention(
+    encoder: GridEncoder,
+    decoder: AttentionDecoder,
+    vocab: Vocabulary,
+    path: str | os.PathLike,
+    beam_size: int = 1,
+    max_len: int = 20,
+    image_size: int | None = None,
+) -> tuple[list[str], torch.Tensor]:
+    """One image's caption as tokens (what `caption_image_files` writes, <start> left out) and the attention
+    weights [tokens, cells] with which each was written. UnreadableImage when the file is no image."""
+    image_size = image_size or encoder.image_size
+    device = next(encoder.parameters()).device
+    with eval_mode(encoder, decoder):
+        images, _, ok = next(iter(image_batches([path], image_size, device, 1, 0)))
+        if not ok.all():
+            load_image(path)  # raises UnreadableImage with the reason
+        features = encoder(images)
+        ids = decode_features(decoder, features, beam_size, max_len, vocab.end_id)[0]
+        alphas = decoder.attention_maps(features, [ids])[0]
+    words = [vocab.idx2word[i] for i in ids]
+    keep = [i for i, word in enumerate(words) if word != vocab.start_word]
+    return [words[i] for i in keep], alphas[keep]
+
+
+def attention_figure(
+    encoder: GridEncoder, decoder: AttentionDecoder, vocab: Vocabulary, path: str | os.PathLike,
+    beam_size: int = 1, max_len: int = 20, image_size: int | None = None,
+) -> Figure:
+    """The attention map of one image (`plots.plot_attention` over `caption_with_attention`)."""
+    words, alphas = caption_with_attention(encoder, decoder, vocab, path, beam_size, max_len, image_size)
+    size = image_size or encoder.image_size
+    crop = transforms.Compose([transforms.Resize(resize_side(size)), transforms.CenterCrop(size)])
+    return plot_attention(crop(load_image(path)), words, alphas)
+
+
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
     """Files named on the command line, and the image files under named folders (sorted); plus error lines."""
     paths: list[Path] = []
@@ -158,20 +199,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--image-size", type=positive_int, help="crop size (default: from train_config.json, or 224)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write COCO results JSON here")
+    parser.add_argument("--attention-map", metavar="PNG", help="attention decoder, one image: draw where it "
+                        "looked for each word into this PNG")
     return parser.parse_args(argv)
 
 
 def load_model(args: argparse.Namespace) -> tuple[EncoderCNN, DecoderRNN, Vocabulary] | None:
-    """Encoder, decoder and vocabulary of the command line, after checking the --json path and the device;
+    """Encoder, decoder and vocabulary of the command line, after checking the output paths and the device;
     None (the reason printed as one line on stderr) when any of them is unusable."""
     try:
-        if args.json:
-            check_writable(args.json)
+        for output in (args.json, args.attention_map):
+            if output:
+                check_writable(output)
         device = resolve_device(args.device)
-        return load_pretrained(args.encoder, args.decoder, args.vocab, device)
+        model = load_pretrained(args.encoder, args.decoder, args.vocab, device)
+        if args.attention_map and not isinstance(model[1], AttentionDecoder):
+            raise ValueError(f"--attention-map: {args.decoder} is an LSTM decoder, which has no attention to draw")
+        return model
     except ValueError as e:  # WeightsFileError, VocabularyError, a bad device or output path: one line
         print(f"error: {e}", file=sys.stderr)
         return None
+
+
+def draw_attention(args: argparse.Namespace, encoder: GridEncoder, decoder: AttentionDecoder, vocab: Vocabulary,
+                   paths: list[Path]) -> bool:
+    """--attention-map: the one image's map into the PNG; False (one line on stderr) when that cannot be done."""
+    if len(paths) != 1:
+        print(f"error: --attention-map draws one image, the inputs have {len(paths)}", file=sys.stderr)
+        return False
+    try:
+        figure = attention_figure(encoder, decoder, vocab, paths[0], args.beam, args.max_len, args.image_size)
+        save_figure(figure, args.attention_map)
+    except UnreadableImage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    except OSError as e:
+        print(f"error: {args.attention_map}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return False
+    print(f"wrote {args.attention_map}", file=sys.stderr)
+    return True
 
 
 def caption_inputs(
@@ -228,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model is None:
         return 2
     paths, captions, errors = caption_inputs(args, *model)
-    return report(args, paths, captions, errors)
+    code = report(args, paths, captions, errors)
+    if args.attention_map and not draw_attention(args, *model, paths):
+        return 2
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from config import RESUME_MUST_MATCH, TrainConfig, TrainingError
+from config import ATTENTION_MUST_MATCH, RESUME_MUST_MATCH, TrainConfig, TrainingError
 from model import Captioner, atomic_torch_save
 from vocabulary import Vocabulary
 
@@ -19,7 +19,8 @@ CHECKPOINT_FORMAT = 1
 def trainable_state(model: Captioner) -> dict[str, torch.Tensor]:
     """What training changes or needs to continue (embed, decoder, resnet.7 if fine-tuned, feature stats), on CPU."""
     state = model.state_dict()
-    keep = ("encoder.embed.", "decoder.", "feature_") + (("encoder.resnet.7.",) if model.encoder.train_cnn else ())
+    keep = ("encoder.embed.", "encoder.grid_size", "encoder.feature_", "decoder.", "feature_")
+    keep += ("encoder.resnet.7.",) if model.encoder.train_cnn else ()
     return {k: v.detach().cpu() for k, v in state.items() if k.startswith(keep)}
 
 
@@ -75,10 +76,11 @@ def check_resumable(checkpoint: dict, cfg: TrainConfig, vocab: Vocabulary, backb
     if checkpoint["backbone_fingerprint"] != backbone:
         raise TrainingError(f"{path}: cannot resume: it was trained on another ResNet-50 backbone "
                             "(--pretrained / --weights-path / --backbone-seed differ)")
-    for name in RESUME_MUST_MATCH:
-        if checkpoint["config"].get(name) != getattr(cfg, name):
+    trained = {"decoder": "lstm"} | checkpoint["config"]  # checkpoints from before the attention decoder: lstm
+    for name in ("decoder", *RESUME_MUST_MATCH, *(ATTENTION_MUST_MATCH if cfg.decoder == "attention" else ())):
+        if trained.get(name) != getattr(cfg, name):
             raise TrainingError(f"{path}: cannot resume with --{name.replace('_', '-')} {getattr(cfg, name)}: "
-                                f"the checkpoint was trained with {checkpoint['config'].get(name)}")
+                                f"the checkpoint was trained with {trained.get(name)}")
     if checkpoint["world_size"] != world_size:
         raise TrainingError(f"{path}: cannot resume on {world_size} processes: it was written by a run on "
                             f"{checkpoint['world_size']} (each takes its own share of the batches)")

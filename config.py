@@ -21,11 +21,12 @@ class TrainConfig:
     """Every setting of a training run. None means "the preset's value for `data`" (see PRESETS below)."""
 
     # data
-    data: str = "sample"  # dataset preset: 'sample' (generated, made if missing) or 'coco' (MS COCO 2014)
-    data_root: str | None = None  # dataset folder (default: data/sample or data/coco)
+    data: str = "sample"  # dataset preset: 'sample' or 'sample-spatial' (generated, made if missing), 'coco'
+    data_root: str | None = None  # dataset folder (default: data/sample, data/sample-spatial or data/coco)
     image_size: int | None = None  # side of the square crop fed to the ResNet
     vocab_threshold: int | None = None  # keep words that occur at least this often in the training captions
     # model
+    decoder: str = "lstm"  # 'lstm' (the image embedding is the LSTM's first input) or 'attention' (Show, Attend and Tell)
     pretrained: bool | None = None  # ImageNet weights for the ResNet-50 (needs a download or the torch hub cache)
     weights_path: str | None = None  # a ResNet-50 state dict file to use instead of the ImageNet download
     backbone_seed: int = 0  # seed of the random ResNet-50 when it is not pretrained
@@ -33,7 +34,10 @@ class TrainConfig:
     embed_size: int | None = None  # size of the image embedding and of the word embeddings
     hidden_size: int | None = None  # LSTM hidden size
     num_layers: int | None = None  # LSTM layers
-    dropout: float | None = None  # dropout between LSTM layers (only with 2+ layers)
+    dropout: float | None = None  # dropout between LSTM layers (only with 2+ layers); attention: before the output layer
+    grid: int | None = None  # attention: the ResNet's last conv map is average-pooled to grid x grid cells
+    attention_size: int | None = None  # attention: size of the additive attention's hidden layer
+    alpha_c: float = 1.0  # attention: weight of the doubly stochastic penalty ((1 - sum over steps of alpha)^2).mean()
     # optimisation
     epochs: int | None = None  # passes over the training captions
     batch_size: int | None = None  # captions per batch (per process under torchrun); all of one length
@@ -62,19 +66,32 @@ class TrainConfig:
     nan_at_step: int = 0  # testing aid: turn the loss of this (1-based, global) step into NaN (0: never)
 
 
-# What `--data` means; explicit settings override these. coco is the seeds' setting. The sample preset is sized
-# for 2 CPU cores: a smaller one-layer LSTM (the seeds' 512/512/2 runs about 10x slower there), 64 px crops of
-# its 96 px images, no ImageNet weights (offline; the random ResNet is seeded), no mirrored view (on a CPU the
-# cache build is most of the run), about a minute of training.
+# What `--data` means; explicit settings override these. coco is the seeds' setting. The sample presets are sized
+# for 2 CPU cores: a smaller one-layer LSTM (the seeds' 512/512/2 runs about 10x slower there), no ImageNet
+# weights (offline; the random ResNet is seeded), no mirrored view (on a CPU the cache build is most of the run;
+# sample-spatial's captions say left and right), a minute or two of training. sample crops its 96 px images to
+# 64 px (a 2x2 grid for attention), sample-spatial its 128 px images to 128 px (a 4x4 grid).
 PRESETS: dict[str, dict] = {
     "sample": dict(
         image_size=64, vocab_threshold=2, pretrained=False, mirror=False, embed_size=128, hidden_size=256,
-        num_layers=1, dropout=0.0, epochs=6, batch_size=64, lr=3e-3,
+        num_layers=1, dropout=0.0, epochs=6, batch_size=64, lr=3e-3, grid=2, attention_size=128,
+    ),
+    "sample-spatial": dict(
+        image_size=128, vocab_threshold=2, pretrained=False, mirror=False, embed_size=128, hidden_size=256,
+        num_layers=1, dropout=0.0, epochs=6, batch_size=64, lr=3e-3, grid=4, attention_size=128,
     ),
     "coco": dict(
         image_size=224, vocab_threshold=4, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
-        num_layers=2, dropout=0.1, epochs=3, batch_size=256, lr=1e-3,
+        num_layers=2, dropout=0.1, epochs=3, batch_size=256, lr=1e-3, grid=7, attention_size=512,
     ),
+}
+DECODERS = ("lstm", "attention")
+# With --decoder attention these replace the preset's: one LSTM cell, and on COCO Show, Attend and Tell's
+# (the well-known PyTorch tutorial's) dropout 0.5 and learning rate 4e-4, with smaller batches.
+ATTENTION_PRESETS: dict[str, dict] = {
+    "sample": dict(num_layers=1),
+    "sample-spatial": dict(num_layers=1),
+    "coco": dict(num_layers=1, dropout=0.5, batch_size=128, lr=4e-4),
 }
 # Settings a checkpoint can only be resumed with unchanged (the vocabulary and backbone are checked separately):
 # the model's shape, the batches and their order, and the optimiser and schedule the checkpoint's state belongs to.
@@ -82,6 +99,7 @@ RESUME_MUST_MATCH = (
     "image_size", "mirror", "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "seed", "train_cnn",
     "blind", "cache", "epochs", "lr", "cnn_lr", "weight_decay", "warmup_fraction", "min_lr_fraction", "grad_clip",
 )
+ATTENTION_MUST_MATCH = ("grid", "attention_size", "alpha_c")  # also, for an attention decoder (and the decoder kind)
 
 
 class TrainingError(ValueError):
@@ -96,14 +114,16 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """The config with the preset's values filled in and default paths set; TrainingError for bad values."""
     if cfg.data not in PRESETS:
         raise TrainingError(f"--data: unknown dataset {cfg.data!r}, expected one of {', '.join(PRESETS)}")
-    preset = {name: value for name, value in PRESETS[cfg.data].items() if getattr(cfg, name) is None}
-    cfg = replace(cfg, **preset)
+    if cfg.decoder not in DECODERS:
+        raise TrainingError(f"--decoder: unknown decoder {cfg.decoder!r}, expected one of {', '.join(DECODERS)}")
+    preset = PRESETS[cfg.data] | (ATTENTION_PRESETS[cfg.data] if cfg.decoder == "attention" else {})
+    cfg = replace(cfg, **{name: value for name, value in preset.items() if getattr(cfg, name) is None})
     if cfg.data_root is None:
         cfg.data_root = str(dataset_paths(cfg.data)["root"])
     if cfg.out_dir is None:
-        cfg.out_dir = ("models" if cfg.data == "coco" else f"models/{cfg.data}") + ("-blind" if cfg.blind else "")
+        cfg.out_dir = default_out_dir(cfg)
     for name in ("image_size", "embed_size", "hidden_size", "num_layers", "epochs", "batch_size", "num_workers",
-                 "extract_batch_size", "log_every", "nan_at_step", "vocab_threshold"):
+                 "extract_batch_size", "log_every", "nan_at_step", "vocab_threshold", "grid", "attention_size"):
         value = getattr(cfg, name)
         low = 0 if name in ("num_workers", "nan_at_step") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -118,7 +138,28 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise TrainingError("--weight-decay, --grad-clip and --checkpoint-minutes must be >= 0")
     if cfg.blind and cfg.train_cnn:
         raise TrainingError("--blind and --train-cnn exclude each other: a blind model never sees the CNN")
+    check_decoder_settings(cfg)
     return cfg
+
+
+def default_out_dir(cfg: TrainConfig) -> str:
+    """models (COCO) or models/<data>, then /attention or -attention for the attention decoder, -blind for the
+    blind baseline: each kind of run gets its own folder, so none replaces another's weights."""
+    if cfg.data == "coco":
+        folder = "models/attention" if cfg.decoder == "attention" else "models"
+    else:
+        folder = f"models/{cfg.data}" + ("-attention" if cfg.decoder == "attention" else "")
+    return folder + ("-blind" if cfg.blind else "")
+
+
+def check_decoder_settings(cfg: TrainConfig) -> None:
+    """Refuse settings the decoder or the data cannot use, in one line."""
+    if cfg.decoder == "attention" and cfg.num_layers != 1:
+        raise TrainingError(f"--num-layers {cfg.num_layers}: the attention decoder has one LSTM cell")
+    if cfg.alpha_c < 0:
+        raise TrainingError(f"--alpha-c: must be >= 0, not {cfg.alpha_c!r}")
+    if cfg.data == "sample-spatial" and cfg.mirror:
+        raise TrainingError("--mirror: sample-spatial's captions say left and right, a mirrored view would lie")
 
 
 
@@ -144,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = comment if "default" in comment else f"{comment} (default: {default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
-        elif field.name == "data":
-            parser.add_argument(flag, choices=sorted(PRESETS), default=field.default, help=help_text)
+        elif field.name in ("data", "decoder"):
+            choices = sorted(PRESETS) if field.name == "data" else DECODERS
+            parser.add_argument(flag, choices=choices, default=field.default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
     return parser

@@ -28,9 +28,9 @@ except ImportError:  # Windows
     fcntl = None
 
 from config import TrainConfig, TrainingError
-from data_loader import build_transform, image_batches
 from datasets import Split
-from model import FEATURE_SIZE, EncoderCNN
+from image_io import build_transform, image_batches
+from model import FEATURE_SIZE, EncoderCNN, GridEncoder
 from runtime import Runtime, autocast, decodes_on_device
 
 CACHE_FORMAT = 2  # bump when the cache layout or the extraction changes
@@ -52,9 +52,11 @@ class FeatureCache:
         return int((~self.readable).sum())
 
 
-def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ...], decode: str) -> dict:
+def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ...], decode: str,
+              grid: int | None = None) -> dict:
     """Everything the cached features depend on: the backbone's weights, the transform and JPEG decoder, the views,
-    the images. Not the precision: a GPU's bf16 build and a CPU's float32 one differ by rounding alone (the cache
+    the images, and for spatial features the grid (pooled features have no "grid" entry, so their caches keep
+    their keys). Not the precision: a GPU's bf16 build and a CPU's float32 one differ by rounding alone (the cache
     holds float16), so either serves both."""
     listing = hashlib.sha256()
     for image_id, path in zip(split.image_ids, split.paths, strict=True):
@@ -64,7 +66,7 @@ def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ..
         except OSError:
             size = mtime = -1
         listing.update(f"{image_id}\t{path.name}\t{size}\t{mtime}\n".encode())
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "backbone": backbone,
         "image_size": image_size,
@@ -74,10 +76,13 @@ def cache_key(split: Split, backbone: str, image_size: int, views: tuple[str, ..
         "images": len(split.image_ids),
         "image_list": listing.hexdigest(),
     }
+    if grid is not None:
+        key["grid"] = grid
+    return key
 
 
 def feature_cache(
-    encoder: EncoderCNN,
+    encoder: EncoderCNN | GridEncoder,
     split: Split,
     views: tuple[str, ...],
     *,
@@ -92,14 +97,19 @@ def feature_cache(
     """Open the split's cached features, building them first when missing or stale (on rank 0; other ranks, and
     other runs that want the same cache at the same time, wait for it).
 
-    The cache folder is named by a hash of `cache_key`, so a changed image list, image size, view set or backbone
-    gives a new folder and an old one is never read; it is written under a temporary name and renamed when
-    complete, so a killed build leaves nothing that could be mistaken for a cache.
+    What is cached is `encoder.features`: pooled features [images, views, 2048] for EncoderCNN, the grid
+    [images, views, cells, 2048] for GridEncoder (a COCO train2014 7x7 grid is about 17 GB per view).
+
+    The cache folder is named by a hash of `cache_key`, so a changed image list, image size, view set, grid or
+    backbone gives a new folder and an old one is never read; it is written under a temporary name and renamed
+    when complete, so a killed build leaves nothing that could be mistaken for a cache.
     """
     decode = "device" if decode_on_device else "pil"
-    key = cache_key(split, backbone or encoder.backbone_fingerprint(), image_size, views, decode)
+    grid = encoder.grid if isinstance(encoder, GridEncoder) else None
+    key = cache_key(split, backbone or encoder.backbone_fingerprint(), image_size, views, decode, grid)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / f"{split.annotations.stem}-{image_size}px-{digest}"
+    kind = f"-grid{grid}" if grid else ""
+    folder = Path(cache_dir) / f"{split.annotations.stem}-{image_size}px{kind}-{digest}"
     built = False
     if runtime.is_main and _read_cache_key(folder) != key:
         with cache_build_lock(Path(cache_dir)):
@@ -144,7 +154,8 @@ def _build_cache(encoder, split, views, key, folder, image_size, runtime, batch_
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         features = np.lib.format.open_memmap(
-            tmp / "features.npy", mode="w+", dtype=np.float16, shape=(len(split.paths), len(views), FEATURE_SIZE)
+            tmp / "features.npy", mode="w+", dtype=np.float16,
+            shape=(len(split.paths), len(views), *encoder.feature_shape),
         )
         readable = np.zeros(len(split.paths), dtype=bool)
         started = time.perf_counter()
@@ -183,7 +194,7 @@ def remove_unreadable_caches(cache_dir: Path) -> None:
 
 @torch.inference_mode()
 def extract_features(
-    encoder: EncoderCNN,
+    encoder: EncoderCNN | GridEncoder,
     paths: list[Path],
     out: np.ndarray,
     readable: np.ndarray,
@@ -196,7 +207,8 @@ def extract_features(
     desc: str,
     decode_on_device: bool = False,
 ) -> None:
-    """`out[i] = backbone(centre crop of image i)` (and of its mirror, in the same batch); flags unreadable files.
+    """`out[i] = encoder.features(centre crop of image i)` (and of its mirror, in the same batch); flags unreadable
+    files.
 
     `decode_on_device`: the JPEGs are decoded on the (CUDA) device instead of by PIL in the workers.
     """
@@ -207,8 +219,9 @@ def extract_features(
             if mirror:
                 images = torch.cat([images, images.flip(-1)])
             with autocast(runtime):
-                features = encoder.backbone(images)
-            pending.append((index, features.reshape(1 + mirror, len(index), FEATURE_SIZE).transpose(0, 1).half()))
+                features = encoder.features(images)
+            features = features.reshape(1 + mirror, len(index), *encoder.feature_shape).transpose(0, 1)
+            pending.append((index, features.half()))
             readable[index.numpy()] = ok.numpy()
             bar.update(len(index))
             if len(pending) == EXTRACT_FLUSH_BATCHES:
@@ -226,28 +239,35 @@ def _write_pending(pending: list[tuple[torch.Tensor, torch.Tensor]], out: np.nda
 
 
 class FeatureTable:
-    """Feature rows for batches: the cache moved to the GPU once, indexed in place on the CPU, or zeros (blind)."""
+    """Feature rows for batches: the cache copied to the GPU once (when it fits in half the free GPU memory),
+    else indexed in place in the memory-mapped file (only a batch's rows are read), or zeros (blind)."""
 
-    def __init__(self, cache: FeatureCache | None, device: torch.device):
-        self.device = device
-        self.features: torch.Tensor | np.ndarray | None = None
-        if cache is not None and device.type != "cpu":
+    def __init__(self, cache: FeatureCache | None, device: torch.device, feature_shape: tuple[int, ...]):
+        self.device, self.feature_shape = device, tuple(feature_shape)
+        self.features: torch.Tensor | np.ndarray | None = None if cache is None else cache.features
+        if cache is not None and device.type != "cpu" and _fits_on_device(cache.features.nbytes, device):
             stored = cache.features
             self.features = torch.empty(stored.shape, dtype=torch.float16, device=device)
             for start in range(0, len(stored), 4096):
                 self.features[start : start + 4096] = torch.from_numpy(np.array(stored[start : start + 4096]))
-        elif cache is not None:
-            self.features = cache.features
         self.views = 1 if cache is None else cache.features.shape[1]
 
     def gather(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """Features [B, 2048] of the images in `rows`, each in its view from `views`."""
+        """Features [B, *feature_shape] of the images in `rows`, each in its view from `views`."""
         if self.features is None:
-            return torch.zeros(len(rows), FEATURE_SIZE, device=self.device)
+            return torch.zeros(len(rows), *self.feature_shape, device=self.device)
         if isinstance(self.features, torch.Tensor):
             return self.features[rows, views]
-        return torch.from_numpy(self.features[rows.numpy(), views.numpy()]).float()
+        picked = torch.from_numpy(self.features[rows.cpu().numpy(), views.cpu().numpy()])
+        return picked.to(self.device, non_blocking=True).float()
 
+
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a table of `nbytes` takes at most half of the GPU's free memory (the rest is for training)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
 
 
 def feature_stats(features: np.ndarray, readable: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +298,7 @@ def sampled_feature_stats(encoder: EncoderCNN, paths: list[Path], cfg: TrainConf
 def features_in_memory(encoder: EncoderCNN, paths: list[Path], cfg: TrainConfig, runtime: Runtime,
                        desc: str) -> FeatureCache:
     """The centre views' features of `paths` computed now with the current ResNet, kept in memory (no folder)."""
-    features = np.zeros((len(paths), 1, FEATURE_SIZE), dtype=np.float16)
+    features = np.zeros((len(paths), 1, *encoder.feature_shape), dtype=np.float16)
     readable = np.zeros(len(paths), dtype=bool)
     extract_features(encoder, paths, features, readable, image_size=cfg.image_size, mirror=False, runtime=runtime,
                      batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, desc=desc,

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
@@ -112,8 +113,8 @@ def fold_batchnorm(resnet: nn.Sequential) -> nn.Sequential:
     return folded.to(memory_format=torch.channels_last)
 
 
-class EncoderCNN(nn.Module):
-    """Frozen ResNet-50 -> 2048-d pooled feature -> Linear `embed` to the decoder's input size.
+class FrozenResNet(nn.Module):
+    """The frozen ResNet-50 both encoders share, and the features they read off it (pooled, or as a grid).
 
     The backbone never trains its BatchNorm statistics (it stays in eval mode even under `.train()`); with
     `train_cnn=True` its last block (`resnet.7`, layer4) receives gradients for fine-tuning.
@@ -123,7 +124,6 @@ class EncoderCNN(nn.Module):
 
     def __init__(
         self,
-        embed_size: int = 512,
         pretrained: bool = True,
         weights_path: str | os.PathLike | None = None,
         train_cnn: bool = False,
@@ -135,28 +135,41 @@ class EncoderCNN(nn.Module):
         self.train_cnn = train_cnn
         if train_cnn:
             self.resnet[7].requires_grad_(True)
-        self.embed = nn.Linear(FEATURE_SIZE, embed_size)
+
+    def _finish_backbone(self) -> None:
+        """Eval mode and channels-last memory for the ResNet (called once the subclass made its own layers)."""
         self.resnet.eval()
         self.resnet.to(memory_format=torch.channels_last)  # 20-35% faster convolutions on CPUs, tensor cores on GPUs
         self._folded: tuple = (None, None)  # (weights it was made from, fold_batchnorm(self.resnet)): see backbone
 
-    def train(self, mode: bool = True) -> EncoderCNN:
+    def train(self, mode: bool = True) -> FrozenResNet:
         super().train(mode)
         self.resnet.eval()
         return self
 
-    def backbone(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled ResNet-50 features [B, 2048] of normalised images [B, 3, H, W]: what the feature cache stores.
+    def conv_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last convolutional block's output [B, 2048, H/32, W/32] for normalised images [B, 3, H, W]."""
+        return self._run_resnet(images, pool=False)
 
-        A frozen backbone (not `train_cnn`) runs with its BatchNorms folded into its convolutions (see
-        `_folded_resnet`: edits through `.data` are not seen, call `refold()` after them).
-        """
+    def backbone(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled ResNet-50 features [B, 2048] of normalised images [B, 3, H, W] (the ResNet's own average pool)."""
+        return self._run_resnet(images, pool=True).flatten(1)
+
+    def _run_resnet(self, images: torch.Tensor, pool: bool) -> torch.Tensor:
+        """The ResNet with (`pool`) or without its final average pool. A frozen backbone (not `train_cnn`) runs
+        with its BatchNorms folded into its convolutions (see `_folded_resnet`: edits through `.data` are not
+        seen, call `refold()` after them)."""
         images = images.contiguous(memory_format=torch.channels_last)
         if self.train_cnn or self.resnet.training:  # an optimizer may change weights without a trace: no folding
             with torch.set_grad_enabled(self.train_cnn and torch.is_grad_enabled()):
-                return self.resnet(images).flatten(1)
+                return self.resnet(images) if pool else self.resnet[:-1](images)
         with torch.no_grad():
-            return self._folded_resnet()(images).flatten(1)
+            resnet = self._folded_resnet()
+            return resnet(images) if pool else resnet[:-1](images)
+
+    def grid_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        """The last convolutional map average-pooled to grid x grid cells: [B, grid * grid, 2048], row by row."""
+        return F.adaptive_avg_pool2d(self.conv_map(images), grid).flatten(2).transpose(1, 2)
 
     def _folded_resnet(self) -> nn.Sequential:
         """fold_batchnorm(self.resnet), made again when a weight was replaced or changed in place (.to(),
@@ -183,9 +196,6 @@ class EncoderCNN(nn.Module):
         """Fold the BatchNorms again on the next forward: needed after weight edits through `.data` (no trace)."""
         self._folded = (None, None)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.backbone(images))
-
     def backbone_fingerprint(self) -> str:
         """Hash of the backbone's weights: part of the feature cache's key."""
         digest = hashlib.sha256()
@@ -195,7 +205,107 @@ class EncoderCNN(nn.Module):
         return digest.hexdigest()[:16]
 
 
-class DecoderRNN(nn.Module):
+class EncoderCNN(FrozenResNet):
+    """Frozen ResNet-50 -> 2048-d pooled feature -> Linear `embed` to the decoder's input size (the template's)."""
+
+    feature_shape = (FEATURE_SIZE,)  # what `features` returns per image, and the feature cache stores
+
+    def __init__(
+        self,
+        embed_size: int = 512,
+        pretrained: bool = True,
+        weights_path: str | os.PathLike | None = None,
+        train_cnn: bool = False,
+        backbone_seed: int = 0,
+    ):
+        super().__init__(pretrained, weights_path, train_cnn, backbone_seed)
+        self.embed = nn.Linear(FEATURE_SIZE, embed_size)
+        self._finish_backbone()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the feature cache stores for images: the pooled features [B, 2048]."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.backbone(images))
+
+
+class GridEncoder(FrozenResNet):
+    """Frozen ResNet-50 -> its last convolutional map pooled to grid x grid cells of 2048 values, standardised
+    per channel: what AttentionDecoder attends over (Show, Attend and Tell's encoder).
+
+    It has no trained layer: `feature_mean` / `feature_std` are the training features' statistics (train.py sets
+    them), `grid_size` the grid the decoder was trained on; all three are in `encoder-N.pkl`, whose lack of
+    `embed.weight` tells it from the pooled EncoderCNN's.
+    """
+
+    def __init__(
+        self,
+        grid: int = 7,
+        pretrained: bool = True,
+        weights_path: str | os.PathLike | None = None,
+        train_cnn: bool = False,
+        backbone_seed: int = 0,
+    ):
+        super().__init__(pretrained, weights_path, train_cnn, backbone_seed)
+        self.register_buffer("grid_size", torch.tensor(grid))
+        self.register_buffer("feature_mean", torch.zeros(FEATURE_SIZE))
+        self.register_buffer("feature_std", torch.ones(FEATURE_SIZE))
+        self._finish_backbone()
+
+    @property
+    def grid(self) -> int:
+        return int(self.grid_size)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return (self.grid**2, FEATURE_SIZE)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the feature cache stores for images: the raw grid [B, grid * grid, 2048]."""
+        return self.grid_features(images, self.grid)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The standardised grid [B, grid * grid, 2048]: AttentionDecoder's `features`."""
+        return (self.features(images) - self.feature_mean) / self.feature_std
+
+
+class SearchMethods:
+    """greedy_search / sample_search / beam_search as methods of a decoder (notebooks, the template's style);
+    each is decoding.py's function of the same name, which explains the arguments."""
+
+    def greedy_search(
+        self, features: torch.Tensor, max_len: int = 20, end_id: int = END_ID, states=None
+    ) -> list[list[int]]:
+        """Most likely word at every step for a batch of images' features (`decoding.greedy_search`)."""
+        return decoding.greedy_search(self, features, max_len, end_id, states)
+
+    def sample_search(
+        self,
+        features: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        max_len: int = 20,
+        end_id: int = END_ID,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Random captions drawn for a batch of images' features (`decoding.sample_search`)."""
+        return decoding.sample_search(self, features, temperature, top_k, max_len, end_id, generator)
+
+    def beam_search(
+        self,
+        features: torch.Tensor,
+        beam_size: int = 3,
+        max_len: int = 20,
+        length_penalty: float = 0.0,
+        top_n: int | None = None,
+        end_id: int = END_ID,
+    ) -> list[list[int]] | list[list[tuple[list[int], float]]]:
+        """Beam search over a batch of images' features (`decoding.beam_search`)."""
+        return decoding.beam_search(self, features, beam_size, max_len, length_penalty, top_n, end_id)
+
+
+class DecoderRNN(SearchMethods, nn.Module):
     """LSTM language model conditioned on the image: the image embedding is its first input.
 
     Decoding (all batched over images, all in decoding.py on `init_state` / `decode_step` / `reorder_state`):
@@ -253,35 +363,106 @@ class DecoderRNN(nn.Module):
         """The template's greedy decoding of one image embedding ([1, 1, E]): predicted ids, up to <end>."""
         return self.greedy_search(inputs.reshape(1, -1), max_len, states=states)[0]
 
-    def greedy_search(
-        self, features: torch.Tensor, max_len: int = 20, end_id: int = END_ID, states=None
-    ) -> list[list[int]]:
-        """Most likely word at every step for image embeddings [B, E] (`decoding.greedy_search`)."""
-        return decoding.greedy_search(self, features, max_len, end_id, states)
 
-    def sample_search(
-        self,
-        features: torch.Tensor,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        max_len: int = 20,
-        end_id: int = END_ID,
-        generator: torch.Generator | None = None,
-    ) -> list[list[int]]:
-        """Random captions drawn for image embeddings [B, E] (`decoding.sample_search`)."""
-        return decoding.sample_search(self, features, temperature, top_k, max_len, end_id, generator)
+class Attention(nn.Module):
+    """Additive (Bahdanau) attention: a weight per grid cell from its features and the decoder's hidden state."""
 
-    def beam_search(
-        self,
-        features: torch.Tensor,
-        beam_size: int = 3,
-        max_len: int = 20,
-        length_penalty: float = 0.0,
-        top_n: int | None = None,
-        end_id: int = END_ID,
-    ) -> list[list[int]] | list[list[tuple[list[int], float]]]:
-        """Beam search over image embeddings [B, E] (`decoding.beam_search`, which explains the arguments)."""
-        return decoding.beam_search(self, features, beam_size, max_len, length_penalty, top_n, end_id)
+    def __init__(self, feature_size: int, hidden_size: int, attention_size: int):
+        super().__init__()
+        self.encoder_att = nn.Linear(feature_size, attention_size)  # applied once per image (`project`)
+        self.decoder_att = nn.Linear(hidden_size, attention_size)
+        self.full_att = nn.Linear(attention_size, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The cells' side of the scores [N, P, A]: it does not change while a caption is written."""
+        return self.encoder_att(features)
+
+    def forward(self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor):
+        """The context [N, F] (the cells' features weighted by attention) and the weights alpha [N, P] (sum 1)."""
+        scores = self.full_att(torch.tanh(projected + self.decoder_att(hidden).unsqueeze(1))).squeeze(2)
+        alpha = scores.float().softmax(1).to(features.dtype)
+        return torch.bmm(alpha.unsqueeze(1), features).squeeze(1), alpha
+
+
+class AttentionDecoder(SearchMethods, nn.Module):
+    """Show, Attend and Tell's decoder: an LSTM cell that, before each word, attends over the image's grid.
+
+    h0 and c0 come from the mean of the grid's features; at every step the attention's context, scaled by a gate
+    sigmoid(f_beta(h)), is fed to the LSTM cell beside the previous word's embedding (a zero vector before the
+    first word, whose prediction is <start>, as DecoderRNN's). Dropout sits before the output layer.
+    `forward` returns the logits and every step's attention weights, for the doubly stochastic penalty
+    (`attention_penalty`). Its decoding state is (h, c, the grid features, their projection for the attention).
+    """
+
+    def __init__(self, attention_size: int, embed_size: int, hidden_size: int, vocab_size: int,
+                 feature_size: int = FEATURE_SIZE, dropout: float = 0.5):
+        super().__init__()
+        self.attention_size, self.embed_size, self.hidden_size = attention_size, embed_size, hidden_size
+        self.vocab_size, self.feature_size = vocab_size, feature_size
+        self.attention = Attention(feature_size, hidden_size, attention_size)
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTMCell(embed_size + feature_size, hidden_size)
+        self.init_h = nn.Linear(feature_size, hidden_size)
+        self.init_c = nn.Linear(feature_size, hidden_size)
+        self.f_beta = nn.Linear(hidden_size, feature_size)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing over grid features [B, P, F]: logits [B, L, V] predicting w0 .. w(L-1) from the inputs
+        [nothing, w0 .. w(L-2)], and the attention weights [B, L, P] of every step."""
+        state = self.init_state(features)
+        embedded = self.embed(captions[:, :-1])
+        inputs = torch.cat((embedded.new_zeros(len(captions), 1, self.embed_size), embedded), 1)
+        logits, alphas = [], []
+        for t in range(captions.shape[1]):
+            step_logits, alpha, state = self.advance(inputs[:, t], state)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+    def init_state(self, features: torch.Tensor, states=None) -> tuple:
+        """decoding.py's start: (h, c) from the grid's mean (or the given `states`), the grid and its projection."""
+        mean = features.mean(1)
+        h, c = (self.init_h(mean), self.init_c(mean)) if states is None else states
+        return h, c, features, self.attention.project(features)
+
+    def advance(self, inputs: torch.Tensor, state: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """One step from word embeddings [N, E]: logits [N, V], the attention weights [N, P], the next state."""
+        h, c, features, projected = state
+        context, alpha = self.attention(features, projected, h)
+        context = torch.sigmoid(self.f_beta(h)) * context
+        h, c = self.lstm(torch.cat((inputs, context.to(inputs.dtype)), 1), (h, c))
+        return self.fc(self.dropout(h)), alpha, (h, c, features, projected)
+
+    def decode_step(self, tokens: torch.Tensor | None, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """decoding.py's step: the previous words [N] (None before the first: a zero embedding)."""
+        if tokens is None:
+            inputs = self.embed.weight.new_zeros(len(state[0]), self.embed_size)
+        else:
+            inputs = self.embed(tokens)
+        logits, _, state = self.advance(inputs, state)
+        return logits, state
+
+    def reorder_state(self, state: tuple, indices: torch.Tensor) -> tuple:
+        """decoding.py's beam bookkeeping: rows `indices` of every part of the state."""
+        return tuple(part.index_select(0, indices) for part in state)
+
+    @torch.no_grad()
+    def attention_maps(self, features: torch.Tensor, captions: list[list[int]]) -> list[torch.Tensor]:
+        """Per image the attention weights [len(ids), P] with which each id of its caption was written (by any
+        search: decoding is deterministic, so re-reading the caption gives the weights the search saw)."""
+        maps = []
+        for row, ids in enumerate(captions):
+            tokens = torch.tensor([ids], device=features.device)
+            maps.append(self(features[row : row + 1], tokens)[1][0].float().cpu())
+        return maps
+
+
+def attention_penalty(alphas: torch.Tensor) -> torch.Tensor:
+    """Show, Attend and Tell's doubly stochastic regulariser ((1 - sum over steps of alpha)^2).mean(): every cell
+    should receive about one unit of attention over the whole caption. `alphas` [B, L, P]."""
+    return ((1.0 - alphas.float().sum(1)) ** 2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,8 +522,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> EncoderCNN:
-    """An EncoderCNN with the weights of an `encoder-N.pkl`, in eval mode on `device`.
+def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> EncoderCNN | GridEncoder:
+    """The encoder of an `encoder-N.pkl`, in eval mode on `device`: an EncoderCNN (the template's: it has
+    `embed.weight`) or the attention model's GridEncoder (it has `grid_size` and the feature statistics).
 
     The embed size comes from `embed.weight`; BatchNorm counters missing from old files start at 0 (BatchNorm's
     own loading does that); `image_size` comes from a train_config.json beside the file (else 224).
@@ -350,18 +532,13 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = Path(path)
     state = read_state_dict(path)
     image_size = read_image_size(path.parent)
-    if any(k.endswith("weight_ih_l0") for k in state):
-        raise WeightsFileError(
-            f"{path}: this is a decoder weights file (it has LSTM weights), not an encoder"
-        )
-    embed = state.get("embed.weight")
-    if embed is None or embed.dim() != 2 or embed.shape[1] != FEATURE_SIZE or "embed.bias" not in state:
-        raise WeightsFileError(f"{path}: not an encoder weights file (needs embed.weight of shape [E, 2048])")
-    if not any(k.startswith("resnet.") for k in state):
+    if any(k.endswith("weight_ih_l0") or k.startswith("attention.") for k in state):
+        raise WeightsFileError(f"{path}: this is a decoder weights file (it has LSTM or attention weights), not an "
+                               "encoder")
+    if not any(k.startswith("resnet.") for k in state) and "grid_size" in state:
         raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
+    encoder = _grid_encoder_like(state, path) if "grid_size" in state else _pooled_encoder_like(state, path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):  # no random init of 25M weights that are about to be replaced
-        encoder = EncoderCNN(embed.shape[0], pretrained=False)
     try:
         encoder.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -370,13 +547,35 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return encoder.to(resolve_device(device)).eval()
 
 
-def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> DecoderRNN:
-    """A DecoderRNN with the weights of a `decoder-N.pkl`, in eval mode on `device`.
+def _pooled_encoder_like(state: dict[str, torch.Tensor], path: Path) -> EncoderCNN:
+    """An EncoderCNN on the meta device (no random init of 25M weights about to be replaced) shaped as `state`."""
+    embed = state.get("embed.weight")
+    if embed is None or embed.dim() != 2 or embed.shape[1] != FEATURE_SIZE or "embed.bias" not in state:
+        raise WeightsFileError(f"{path}: not an encoder weights file (needs embed.weight of shape [E, 2048], or "
+                               "grid_size for an attention model's encoder)")
+    if not any(k.startswith("resnet.") for k in state):
+        raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
+    with torch.device("meta"):
+        return EncoderCNN(embed.shape[0], pretrained=False)
+
+
+def _grid_encoder_like(state: dict[str, torch.Tensor], path: Path) -> GridEncoder:
+    """A GridEncoder on the meta device shaped as `state` (its grid size read from `grid_size`)."""
+    grid = state["grid_size"]
+    if grid.dim() != 0 or grid.is_floating_point() or int(grid) < 1:
+        raise WeightsFileError(f"{path}: grid_size must be a positive integer, not {grid.tolist()!r}")
+    with torch.device("meta"):
+        return GridEncoder(int(grid), pretrained=False)
+
+
+def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> DecoderRNN | AttentionDecoder:
+    """The decoder of a `decoder-N.pkl`, in eval mode on `device`: an AttentionDecoder when it has `attention.*`
+    weights, else a DecoderRNN.
 
     Sizes and layer count are read from the shapes. The embedding (the one layer with only a [V, E] weight) and the
-    output layer (the one with a [V, H] weight and a [V] bias) are found by role and shape, so the names used in
-    the CVND family (`embed`, `word_embeddings`, `embedding`, `caption_embeddings`; `fc`, `hidden2vocab`,
-    `linear`, `FC`) all load.
+    output layer (the one with a [V, H] weight and a [V] bias) of an LSTM decoder are found by role and shape, so
+    the names used in the CVND family (`embed`, `word_embeddings`, `embedding`, `caption_embeddings`; `fc`,
+    `hidden2vocab`, `linear`, `FC`) all load.
     """
     path = Path(path)
     state = read_state_dict(path)
@@ -384,15 +583,32 @@ def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise WeightsFileError(
             f"{path}: this is an encoder weights file (it has resnet.* weights), not a decoder"
         )
-    lstm, num_layers, embed_size, hidden_size = _find_lstm(state, path)
-    embedding, output = _find_embedding_and_output(state, lstm, embed_size, hidden_size, path)
-    renamed = _renamed_decoder_state(state, lstm, num_layers, hidden_size, embedding, output)
-    decoder = DecoderRNN(embed_size, hidden_size, embedding["weight"].shape[0], num_layers)
+    if any(k.startswith("attention.") for k in state):
+        decoder = _attention_decoder_like(state, path)
+    else:
+        lstm, num_layers, embed_size, hidden_size = _find_lstm(state, path)
+        embedding, output = _find_embedding_and_output(state, lstm, embed_size, hidden_size, path)
+        state = _renamed_decoder_state(state, lstm, num_layers, hidden_size, embedding, output)
+        decoder = DecoderRNN(embed_size, hidden_size, embedding["weight"].shape[0], num_layers)
     try:
-        decoder.load_state_dict(renamed, strict=True)
+        decoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise WeightsFileError(f"{path}: not an LSTM decoder of this layout ({_mismatch(e)})") from None
+        kind = "an attention" if isinstance(decoder, AttentionDecoder) else "an LSTM"
+        raise WeightsFileError(f"{path}: not {kind} decoder of this layout ({_mismatch(e)})") from None
     return decoder.to(resolve_device(device)).eval()
+
+
+def _attention_decoder_like(state: dict[str, torch.Tensor], path: Path) -> AttentionDecoder:
+    """An AttentionDecoder with the sizes that `state`'s shapes say (its weights are loaded by the caller)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        attention_size, feature_size = shapes["attention.encoder_att.weight"]
+        vocab_size, embed_size = shapes["embed.weight"]
+        hidden_size = shapes["lstm.weight_hh"][1]
+    except (KeyError, ValueError):
+        raise WeightsFileError(f"{path}: not an attention decoder of this layout (needs attention.encoder_att, "
+                               "embed and lstm weights of 2 dimensions)") from None
+    return AttentionDecoder(attention_size, embed_size, hidden_size, vocab_size, feature_size)
 
 
 def _find_lstm(state: dict[str, torch.Tensor], path: Path) -> tuple[str, int, int, int]:
@@ -509,8 +725,9 @@ def load_pretrained(
     decoder_path: str | os.PathLike,
     vocab_path: str | os.PathLike,
     device: str | torch.device = "cpu",
-) -> tuple[EncoderCNN, DecoderRNN, Vocabulary]:
-    """Encoder, decoder (eval mode, on `device`) and vocabulary of saved weights, checked against each other."""
+) -> tuple[EncoderCNN | GridEncoder, DecoderRNN | AttentionDecoder, Vocabulary]:
+    """Encoder, decoder (eval mode, on `device`) and vocabulary of saved weights, checked against each other:
+    either kind of model (pooled LSTM or attention), told apart by the files' keys."""
     device = resolve_device(device)
     vocab = Vocabulary.load(vocab_path)
     decoder = load_decoder(decoder_path, device)
@@ -520,12 +737,27 @@ def load_pretrained(
             "vocabulary garbles captions, use the vocab.pkl the model was trained with"
         )
     encoder = load_encoder(encoder_path, device)
-    if encoder.embed.out_features != decoder.embed_size:
+    check_pairing(encoder, decoder, encoder_path, decoder_path)
+    return encoder, decoder, vocab
+
+
+def check_pairing(encoder: EncoderCNN | GridEncoder, decoder: DecoderRNN | AttentionDecoder,
+                  encoder_path: str | os.PathLike, decoder_path: str | os.PathLike) -> None:
+    """Refuse, naming the encoder file, an encoder whose output the decoder cannot take."""
+    if isinstance(decoder, AttentionDecoder) and not isinstance(encoder, GridEncoder):
+        raise WeightsFileError(f"{encoder_path}: a pooled-feature encoder (it has embed.weight), but {decoder_path} "
+                               "is an attention decoder, which needs the grid encoder saved beside it")
+    if isinstance(encoder, GridEncoder) and not isinstance(decoder, AttentionDecoder):
+        raise WeightsFileError(f"{encoder_path}: an attention model's grid encoder, but {decoder_path} is an LSTM "
+                               "decoder, which needs the pooled encoder (with embed.weight) saved beside it")
+    if isinstance(decoder, AttentionDecoder) and decoder.feature_size != FEATURE_SIZE:
+        raise WeightsFileError(f"{decoder_path}: attends over {decoder.feature_size}-d cells, but the ResNet-50 "
+                               f"grid of {encoder_path} has {FEATURE_SIZE}")
+    if isinstance(encoder, EncoderCNN) and encoder.embed.out_features != decoder.embed_size:
         raise WeightsFileError(
             f"{encoder_path}: embeds images to {encoder.embed.out_features} values but {decoder_path} expects "
             f"{decoder.embed_size}; are they from the same training run?"
         )
-    return encoder, decoder, vocab
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -573,30 +805,39 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 class Captioner(nn.Module):
     """Encoder and decoder as one module, so DistributedDataParallel sees every trainable parameter.
 
-    `embed` trains on standardised ResNet features, (x - feature_mean) / feature_std: the pooled features of a
+    The decoder trains on standardised ResNet features, (x - feature_mean) / feature_std: the pooled features of a
     random ResNet share a large common offset (mean ~11, spread ~2 on the sample set), and a linear probe trained
     on them with Adam stays at chance for colour where one on standardised features gets 80%. `encoder_state`
-    folds the standardisation into `embed`, so the saved encoder maps raw features exactly as the template's.
+    puts the standardisation into the saved encoder: folded into `embed` for EncoderCNN, so it maps raw features
+    exactly as the template's; as GridEncoder's feature_mean / feature_std for the attention decoder.
     """
 
-    def __init__(self, encoder: EncoderCNN, decoder: DecoderRNN):
+    def __init__(self, encoder: EncoderCNN | GridEncoder, decoder: DecoderRNN | AttentionDecoder):
         super().__init__()
+        if isinstance(decoder, AttentionDecoder) != isinstance(encoder, GridEncoder):
+            raise ValueError("AttentionDecoder takes a GridEncoder's features, DecoderRNN an EncoderCNN's")
         self.encoder, self.decoder = encoder, decoder
         self.register_buffer("feature_mean", torch.zeros(FEATURE_SIZE))
         self.register_buffer("feature_std", torch.ones(FEATURE_SIZE))
 
-    def forward(self, captions: torch.Tensor, features: torch.Tensor | None = None, images=None) -> torch.Tensor:
-        """Logits [B, L, V] from ResNet features [B, 2048] (cached) or from images [B, 3, S, S]."""
+    def forward(self, captions: torch.Tensor, features: torch.Tensor | None = None,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, L, V] from cached ResNet features (`encoder.feature_shape` per image) or from images
+        [B, 3, S, S]; and the attention weights [B, L, P] of an attention decoder (None for DecoderRNN)."""
         if images is not None:
-            features = self.encoder.backbone(images)
-        embedded = self.encoder.embed((features - self.feature_mean) / self.feature_std)
-        return self.decoder(embedded, captions)
+            features = self.encoder.features(images)
+        standardised = (features - self.feature_mean) / self.feature_std
+        if isinstance(self.decoder, AttentionDecoder):
+            return self.decoder(standardised, captions)
+        return self.decoder(self.encoder.embed(standardised), captions), None
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        """The EncoderCNN state dict on the CPU, with the standardisation folded into `embed` (same keys)."""
+        """The encoder's state dict on the CPU with the standardisation in it (the keys of its class)."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        if isinstance(self.encoder, GridEncoder):
+            state["feature_mean"], state["feature_std"] = self.feature_mean.cpu(), self.feature_std.cpu()
+            return state
         weight = state["embed.weight"].double() / self.feature_std.cpu().double()
         state["embed.bias"] = (state["embed.bias"].double() - weight @ self.feature_mean.cpu().double()).float()
         state["embed.weight"] = weight.float()
         return state
-

@@ -1,14 +1,17 @@
-"""Plots people would rather look at than read: the loss and perplexity curves of a training run."""
+"""Plots people would rather look at than read: a training run's loss and perplexity, an attention decoder's maps."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from fileio import atomic_write
 
@@ -33,9 +36,38 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike | 
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     if png_path is not None:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        with atomic_write(png_path) as f:
-            f.write(buffer.getvalue())
+        save_figure(figure, png_path)
     return figure
 
+
+
+def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, columns: int = 5) -> Figure:
+    """Where an attention decoder looked for each word: the image (as the model saw it, a square crop) once per
+    word, with that word's attention weights over the grid upsampled on top; `alphas` [len(words), cells].
+
+    On a bare matplotlib Figure (Agg) like plot_metrics; save it with `figure.savefig(path)`.
+    """
+    grid = math.isqrt(alphas.shape[1])
+    if grid * grid != alphas.shape[1] or len(words) != len(alphas):
+        raise ValueError(f"alphas must be [len(words)={len(words)}, grid * grid], not {list(alphas.shape)}")
+    rows = max(1, math.ceil(len(words) / columns))
+    figure = Figure(figsize=(2.2 * columns, 2.4 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    side = image.width
+    for ax, word, alpha in zip(axes, words, alphas, strict=False):
+        weights = alpha.reshape(grid, grid).float().numpy()
+        ax.imshow(image)
+        ax.imshow(weights / max(float(weights.max()), 1e-12), cmap="inferno", alpha=0.55, interpolation="bilinear",
+                  extent=(0, side, side, 0), vmin=0, vmax=1)
+        ax.set_title(word, fontsize=11)
+    for ax in axes:
+        ax.axis("off")
+    return figure
+
+
+def save_figure(figure: Figure, png_path: str | os.PathLike) -> None:
+    """A figure as PNG, written atomically (a crash never leaves a torn file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    with atomic_write(png_path) as f:
+        f.write(buffer.getvalue())

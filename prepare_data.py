@@ -4,6 +4,7 @@
     python prepare_data.py coco --root data/coco --only annotations   # captions + Karpathy split only
     python prepare_data.py coco --root data/coco --check              # is the tree complete? (exit 0 / 2)
     python prepare_data.py sample --root data/sample --seed 0
+    python prepare_data.py sample --root data/sample-spatial --spatial   # captions say where objects are
 
 Downloads resume (HTTP Range, a `.part` file), are checked against the sizes and md5 sums below and
 retried with exponential backoff; a re-run skips every archive that is already unpacked.
@@ -392,10 +393,14 @@ def run_coco(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    """The `sample` subcommand: write the small generated dataset."""
+    """The `sample` subcommand: write the small generated dataset (with --spatial, its spatial variant)."""
     from sample_data import make_sample_dataset
 
-    print(make_sample_dataset(args.root, seed=args.seed))
+    if args.spatial:
+        root = args.root or Path("data/sample-spatial")
+        print(make_sample_dataset(root, seed=args.seed, variant="spatial"))
+    else:
+        print(make_sample_dataset(args.root or Path("data/sample"), seed=args.seed))
     return 0
 
 
@@ -440,9 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first retry delay in seconds, doubled each retry (default: 2)")
     coco.set_defaults(run=run_coco)
     sample = commands.add_parser("sample", help="write the small generated sample dataset")
-    sample.add_argument("--root", type=Path, default=Path("data/sample"),
-                        help="data folder (default: data/sample)")
+    sample.add_argument("--root", type=Path,
+                        help="data folder (default: data/sample, with --spatial data/sample-spatial)")
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
+    sample.add_argument("--spatial", action="store_true",
+                        help="the spatial variant: 128 px, captions say left / right / above / below / corner "
+                             "(never train it with mirrored views)")
     sample.set_defaults(run=run_sample)
     return parser
 

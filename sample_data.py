@@ -1,9 +1,17 @@
 """A small synthetic captioning dataset in COCO's format: coloured shapes with five captions each.
 
-It lets the notebooks, CLIs and tests run end to end without downloading COCO. The images are learnable from
-the features of a frozen, randomly initialised ResNet-50 (no ImageNet weights offline), and every caption
-stays true when the image is mirrored left-right (the feature cache also stores mirrored views), so no
-caption says "left" or "right".
+It lets the notebooks, CLIs and tests run end to end without downloading COCO. It comes in two variants:
+
+* "plain" (the default, `data/sample`): the images are learnable from the pooled features of a frozen,
+  randomly initialised ResNet-50 (no ImageNet weights offline): objects sit near the centre, and every caption
+  stays true when the image is mirrored left-right (the feature cache may also store mirrored views), so no
+  caption says "left" or "right".
+* "spatial" (`data/sample-spatial`): 128 px images whose captions say WHERE the objects are: two different
+  objects side by side ("a red circle left of a blue square") or one above the other ("a red circle above a
+  blue square"), or one object in a corner ("a green triangle in the top right corner"). A pooled, nearly
+  translation-invariant feature cannot tell "A left of B" from "B left of A", a per-cell one (the 4x4 grid
+  of the last conv map at 128 px, as a soft-attention decoder sees it) can. Its captions say left and right
+  on purpose: never train it with mirrored views (they would be captioned wrongly).
 """
 
 import json
@@ -58,6 +66,19 @@ TEXTURE_RATE = 0.15  # share of images with a lightly noisy background
 JITTER = 2.0
 SUPERSAMPLE = 2  # draw at twice the size and downsample, for smooth edges like a photo
 
+VARIANTS = ("plain", "spatial")
+# The spatial variant: fixed-size RGB images (no grayscale, CMYK or odd sizes), all objects "medium" (no size
+# words). Two-object layouts put their centres at 1/4 and 3/4 of one axis, anywhere in the middle band of the
+# other; a corner object sits at 0.24 / 0.76 of both. Every object lies wholly inside its half (quadrant), and at
+# least 8 px from the edges: the evaluation transform at 128 px (resize to 146, centre crop 128) keeps it whole.
+SPATIAL_SIZE = 128
+SPATIAL_LAYOUTS = ("sides", "stack", "corner")
+SPATIAL_RADIUS = (14.0, 18.0)  # pixels
+SPATIAL_BAND = (0.3, 0.7)  # share of the image: where the shared free coordinate of a two-object layout lies
+SPATIAL_JITTER = 3.0  # pixels, each object on its own
+CORNERS = {"top left": (0.24, 0.24), "top right": (0.76, 0.24), "bottom left": (0.24, 0.76),
+           "bottom right": (0.76, 0.76)}
+
 
 @dataclass
 class Shape:
@@ -77,9 +98,10 @@ class Scene:
 
     width: int
     height: int
-    layout: str  # "single", "group" (same shape and colour) or "pair" (one above the other)
+    layout: str  # plain: "single", "group" (same shape and colour) or "pair" (one above the other);
+    # spatial: "sides" (shapes: left, right), "stack" (shapes: top, bottom) or "corner" (one shape)
     arrangement: str  # "row", "column" or "triangle" for groups, "" otherwise
-    place: str  # "top", "middle" or "bottom" for one object, "" otherwise
+    place: str  # "top", "middle" or "bottom" for one plain object, a key of CORNERS for "corner", "" otherwise
     background: str
     textured: bool
     gray: bool
@@ -150,6 +172,34 @@ def _pair_objects(rng: np.random.Generator) -> tuple[list[tuple], list[tuple[flo
     span = 2 * radii[0] + 2 * radii[1] + 6
     objects = [(*top, sizes[0], radii[0]), (*bottom, sizes[1], radii[1])]
     return objects, [(0.0, -span / 2 + radii[0]), (0.0, span / 2 - radii[1])]
+
+
+def _two_different(rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(kind, colour) of two objects that differ in shape or colour (or both)."""
+    while True:
+        objects = [(_pick(rng, SHAPES), _pick(rng, list(COLOURS))) for _ in range(2)]
+        if objects[0] != objects[1]:
+            return objects
+
+
+def _make_spatial_scene(rng: np.random.Generator, index: int) -> Scene:
+    """Draw a spatial image: two objects side by side ("sides") or stacked ("stack"), or one in a corner."""
+    del index  # every spatial image is RGB and square: nothing depends on its place in the split
+    size = SPATIAL_SIZE
+    scene = Scene(size, size, layout=_pick(rng, SPATIAL_LAYOUTS), arrangement="", place="", background="",
+                  textured=bool(rng.random() < TEXTURE_RATE), gray=False, cmyk=False)
+    if scene.layout == "corner":
+        scene.place = _pick(rng, list(CORNERS))
+        objects, centres = [(_pick(rng, SHAPES), _pick(rng, list(COLOURS)))], [CORNERS[scene.place]]
+    else:
+        objects, band = _two_different(rng), rng.uniform(*SPATIAL_BAND)
+        centres = [(0.25, band), (0.75, band)] if scene.layout == "sides" else [(band, 0.25), (band, 0.75)]
+    for (kind, colour), (fx, fy) in zip(objects, centres, strict=True):
+        dx, dy = rng.uniform(-SPATIAL_JITTER, SPATIAL_JITTER, size=2)
+        scene.shapes.append(Shape(kind, colour, "medium", fx * size + dx, fy * size + dy,
+                                  rng.uniform(*SPATIAL_RADIUS)))
+    _pick_background(rng, scene)
+    return scene
 
 
 def _pick_background(rng: np.random.Generator, scene: Scene) -> None:
@@ -289,6 +339,56 @@ def _pair_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
     ])
 
 
+def _sides_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of two different objects side by side, saying which is on the left."""
+    left, right = (_article(_noun(rng, shape, scene.gray)) for shape in scene.shapes)
+    bg = _background_word(rng, scene)
+    return _pick(rng, [
+        (f"{left} left of {right}", True),
+        (f"{left} to the left of {right}", True),
+        (f"{right} right of {left}", True),
+        (f"{right} to the right of {left}", True),
+        (f"{left} on the left and {right} on the right", True),
+        (f"{right} on the right and {left} on the left", True),
+        (f"{left} to the left of {right} on a {bg} background", True),
+        (f"{left} with {right} to its right", True),
+        (f"{right} with {left} to its left", True),
+    ])
+
+
+def _stack_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of two different objects one above the other, saying which is on top."""
+    top, bottom = (_article(_noun(rng, shape, scene.gray)) for shape in scene.shapes)
+    bg = _background_word(rng, scene)
+    return _pick(rng, [
+        (f"{top} above {bottom}", True),
+        (f"{bottom} below {top}", True),
+        (f"{top} over {bottom}", True),
+        (f"{bottom} under {top}", True),
+        (f"{top} at the top and {bottom} at the bottom", True),
+        (f"{bottom} at the bottom and {top} at the top", True),
+        (f"{top} above {bottom} on a {bg} background", True),
+        (f"{top} with {bottom} below it", True),
+        (f"{bottom} with {top} above it", True),
+    ])
+
+
+def _corner_caption(rng: np.random.Generator, scene: Scene) -> tuple[str, bool]:
+    """One caption of one object in a corner, saying which corner."""
+    obj, corner = _article(_noun(rng, scene.shapes[0], scene.gray)), scene.place
+    bg = _background_word(rng, scene)
+    return _pick(rng, [
+        (f"{obj} in the {corner} corner", True),
+        (f"{obj} at the {corner}", True),
+        (f"there is {obj} in the {corner} corner", False),
+        (f"{obj} in the {corner} of the image", True),
+        (f"{obj} in the {corner} corner of the image", True),
+        (f"{obj} in the {corner} corner on a {bg} background", True),
+        (f"a {bg} background with {obj} in the {corner} corner", True),
+        (f"a picture of {obj} in the {corner} corner", False),
+    ])
+
+
 def _background_word(rng: np.random.Generator, scene: Scene) -> str:
     """Name of the background colour, with the two spellings of gray."""
     return _pick(rng, ("gray", "grey")) if scene.background == "gray" else scene.background
@@ -296,7 +396,8 @@ def _background_word(rng: np.random.Generator, scene: Scene) -> str:
 
 def _captions(rng: np.random.Generator, scene: Scene, count: int = 5) -> list[str]:
     """`count` different captions in COCO's loose style (some capitalised, some with a full stop)."""
-    compose = {"single": _single_caption, "group": _group_caption, "pair": _pair_caption}[scene.layout]
+    compose = {"single": _single_caption, "group": _group_caption, "pair": _pair_caption, "sides": _sides_caption,
+               "stack": _stack_caption, "corner": _corner_caption}[scene.layout]
     captions: list[str] = []
     while len(captions) < count:
         text, is_phrase = compose(rng, scene)
@@ -315,13 +416,14 @@ def _captions(rng: np.random.Generator, scene: Scene, count: int = 5) -> list[st
 
 
 def _write_split(folder: Path, split: str, image_ids: list[int], rng: np.random.Generator,
-                 first_caption_id: int) -> tuple[list[dict], list[dict], list[Scene]]:
+                 first_caption_id: int, variant: str = "plain") -> tuple[list[dict], list[dict], list[Scene]]:
     """Write the JPEGs of one split; return its COCO image and caption records and the scenes drawn."""
     folder.mkdir(parents=True)
+    make_scene = _make_spatial_scene if variant == "spatial" else _make_scene
     images, annotations, scenes = [], [], []
     caption_id = first_caption_id
     for index, image_id in enumerate(tqdm(image_ids, desc=f"sample {split}", unit="img", leave=False)):
-        scene = _make_scene(rng, index)
+        scene = make_scene(rng, index)
         file_name = f"{split}_{image_id:012d}.jpg"
         _render(rng, scene).save(folder / file_name, "JPEG", quality=90)
         images.append({"license": 1, "file_name": file_name, "height": scene.height, "width": scene.width,
@@ -340,23 +442,32 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, separators=(",", ":"))
 
 
-def _generate(folder: Path, seed: int, counts: dict[str, int]) -> dict:
+def _info(seed: int, variant: str) -> dict:
+    """The COCO 'info' record; the spatial variant names itself there too (the plain one is as it always was)."""
+    kind = "" if variant == "plain" else f" ({variant} variant: the captions say where the objects are)"
+    info = {"description": f"Synthetic shapes captioning sample{kind}, seed {seed}, made by sample_data.py",
+            "version": str(FORMAT_VERSION), "year": 2024, "contributor": "sample_data.py",
+            "date_created": "2024/01/01"}
+    return info if variant == "plain" else {**info, "variant": variant}
+
+
+def _generate(folder: Path, seed: int, counts: dict[str, int], variant: str = "plain") -> dict:
     """Write images and annotation files of all splits into `folder`; return counts."""
     total = sum(counts.values())
     id_rng = np.random.default_rng([seed, 0])
     all_ids = (id_rng.choice(999_999, size=total, replace=False) + 1).tolist()  # COCO-like: sparse, unique
-    info = {"description": f"Synthetic shapes captioning sample, seed {seed}, made by sample_data.py",
-            "version": str(FORMAT_VERSION), "year": 2024, "contributor": "sample_data.py",
-            "date_created": "2024/01/01"}
+    info = _info(seed, variant)
     licenses = [{"id": 1, "name": "Public Domain (generated)", "url": ""}]
     (folder / "annotations").mkdir(parents=True)
     stats = {"captions": 0, "grayscale": 0, "cmyk": 0}
+    layouts = dict.fromkeys(SPATIAL_LAYOUTS, 0)
     start = 0
     for number, split in enumerate(SPLITS, start=1):
         ids = all_ids[start:start + counts[split]]
         start += counts[split]
         images, annotations, scenes = _write_split(folder / "images" / split, split, ids,
-                                                   np.random.default_rng([seed, number]), number * 10_000_000)
+                                                   np.random.default_rng([seed, number]), number * 10_000_000,
+                                                   variant)
         data = {"info": info, "licenses": licenses, "images": images}
         if split != "test":
             data["annotations"] = annotations
@@ -365,7 +476,9 @@ def _generate(folder: Path, seed: int, counts: dict[str, int]) -> dict:
         stats["captions"] += len(annotations)
         stats["grayscale"] += sum(s.gray for s in scenes)
         stats["cmyk"] += sum(s.cmyk for s in scenes)
-    return stats
+        for scene in scenes:
+            layouts[scene.layout] = layouts.get(scene.layout, 0) + 1
+    return stats if variant == "plain" else {**stats, "layouts": layouts}
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -376,22 +489,40 @@ def _read_marker(path: Path) -> dict | None:
         return None
 
 
-def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_val: int = 250,
-                        n_test: int = 100) -> dict:
-    """Generate the sample set under `root` (or keep it if already complete for these parameters); return stats.
-
-    The set is built in a temporary folder beside `root` and renamed into place, so `root` is either absent,
-    a complete earlier set, or the complete new one. The same seed gives byte-identical files.
-    """
-    started = time.perf_counter()
+def _check_arguments(seed: int, counts: dict[str, int], variant: str) -> None:
+    """Raise ValueError for a negative or non-integer seed or count, or an unknown variant."""
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    counts = {"train": n_train, "val": n_val, "test": n_test}
     for split, count in counts.items():
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"n_{split} must be a non-negative integer, got {count!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+
+
+def sample_variant(root: str | Path) -> str | None:
+    """The variant ("plain" or "spatial") of the complete sample set at `root`, or None if there is none."""
+    marker = _read_marker(Path(root) / MARKER)
+    params = marker.get("params") if isinstance(marker, dict) else None
+    return params.get("variant", "plain") if isinstance(params, dict) else None
+
+
+def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_val: int = 250,
+                        n_test: int = 100, variant: str = "plain") -> dict:
+    """Generate the sample set under `root` (or keep it if already complete for these parameters); return stats.
+
+    `variant` is "plain" or "spatial" (see the module docstring); the marker records it, so a set of the other
+    variant at `root` is never taken for this one: it is replaced, like a set of another seed. The set is built
+    in a temporary folder beside `root` and renamed into place, so `root` is either absent, a complete earlier
+    set, or the complete new one. The same seed and variant give byte-identical files.
+    """
+    started = time.perf_counter()
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    _check_arguments(seed, counts, variant)
     root = Path(root)
     params = {"version": FORMAT_VERSION, "seed": seed, **{f"n_{split}": n for split, n in counts.items()}}
+    if variant != "plain":  # plain markers stay as they were, so sets made before variants existed still count
+        params["variant"] = variant
     marker = _read_marker(root / MARKER)
     if marker is not None and marker.get("params") == params:
         return {**marker["stats"], "root": str(root), "created": False,
@@ -404,7 +535,7 @@ def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished set is an ordinary folder
     old = tmp.with_name(tmp.name + "-old")
     try:
-        stats = _generate(tmp, seed, counts)
+        stats = _generate(tmp, seed, counts, variant)
         _write_json(tmp / MARKER, {"params": params, "stats": stats})
         if root.exists():
             os.rename(root, old)

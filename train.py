@@ -49,7 +49,7 @@ from checkpoints import (
     weights_digest,
 )
 from config import TrainConfig, TrainingDiverged, TrainingError, build_parser, resolve_config
-from data_loader import BucketBatchSampler, build_transform, dataset_paths, get_loader
+from data_loader import SAMPLE_VARIANTS, BucketBatchSampler, dataset_paths, get_loader
 from datasets import CaptionTable, Split, build_vocabulary, caption_table, read_split
 from features import (
     FeatureCache,
@@ -60,12 +60,16 @@ from features import (
     sampled_feature_stats,
 )
 from fileio import atomic_write
+from image_io import build_transform
 from model import (
+    AttentionDecoder,
     Captioner,
     DecoderRNN,
     EncoderCNN,
+    GridEncoder,
     PretrainedWeightsUnavailable,
     atomic_torch_save,
+    attention_penalty,
     save_weights,
 )
 from plots import plot_metrics
@@ -236,12 +240,12 @@ def setup(cfg: TrainConfig, runtime: Runtime) -> Run:
 
 
 def prepare_dataset(cfg: TrainConfig, runtime: Runtime) -> dict[str, Path]:
-    """The dataset's file paths; the sample set is made first when it is missing, COCO must be there."""
+    """The dataset's file paths; a generated set is made first when it is missing, COCO must be there."""
     paths = dataset_paths(cfg.data, cfg.data_root)
-    if cfg.data == "sample" and not paths["train_annotations"].exists():
+    if cfg.data in SAMPLE_VARIANTS and not paths["train_annotations"].exists():
         if runtime.is_main:
-            print(f"making the sample dataset in {paths['root']} ...", flush=True)
-            make_sample_dataset(paths["root"])
+            print(f"making the {cfg.data} dataset in {paths['root']} ...", flush=True)
+            make_sample_dataset(paths["root"], variant=SAMPLE_VARIANTS[cfg.data])
         runtime.barrier()
     if cfg.data == "coco" and not paths["train_annotations"].exists():
         raise TrainingError(f"{paths['train_annotations']}: not found; get COCO with "
@@ -250,13 +254,21 @@ def prepare_dataset(cfg: TrainConfig, runtime: Runtime) -> dict[str, Path]:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[Captioner, str]:
-    """The captioner with its initial weights drawn from `cfg.seed`, and its backbone's fingerprint."""
+    """The captioner (pooled LSTM or attention) with its initial weights drawn from `cfg.seed`, and its backbone's
+    fingerprint."""
     torch.manual_seed(cfg.seed)  # the initial weights of embed and the decoder (the backbone has its own seed)
+    backbone = dict(pretrained=cfg.pretrained, weights_path=cfg.weights_path, train_cnn=cfg.train_cnn,
+                    backbone_seed=cfg.backbone_seed)
     try:
-        encoder = EncoderCNN(cfg.embed_size, cfg.pretrained, cfg.weights_path, cfg.train_cnn, cfg.backbone_seed)
+        if cfg.decoder == "attention":
+            encoder = GridEncoder(cfg.grid, **backbone)
+            decoder = AttentionDecoder(cfg.attention_size, cfg.embed_size, cfg.hidden_size, vocab_size,
+                                       dropout=cfg.dropout)
+        else:
+            encoder = EncoderCNN(cfg.embed_size, **backbone)
+            decoder = DecoderRNN(cfg.embed_size, cfg.hidden_size, vocab_size, cfg.num_layers, cfg.dropout)
     except PretrainedWeightsUnavailable as e:
         raise TrainingError(str(e)) from None
-    decoder = DecoderRNN(cfg.embed_size, cfg.hidden_size, vocab_size, cfg.num_layers, cfg.dropout)
     return Captioner(encoder, decoder), encoder.backbone_fingerprint()
 
 
@@ -302,7 +314,7 @@ def build_data(cfg: TrainConfig, runtime: Runtime, encoder: EncoderCNN, backbone
         train_table = train_table.to(runtime.device)
         val_readable = val_cache.readable if val_cache else np.ones(len(val_split.image_ids), dtype=bool)
         val_table = caption_table(val_split, vocab, val_readable).to(runtime.device)
-        val_features = FeatureTable(val_cache, runtime.device)
+        val_features = FeatureTable(val_cache, runtime.device, encoder.feature_shape)
     else:
         loader = get_loader(
             build_transform(cfg.image_size, train=True), "train", cfg.batch_size,
@@ -310,8 +322,9 @@ def build_data(cfg: TrainConfig, runtime: Runtime, encoder: EncoderCNN, backbone
             annotations_file=train_split.annotations, img_folder=train_split.image_folder, seed=cfg.seed, num_replicas=runtime.world_size, rank=runtime.rank, pin_memory=runtime.cuda,
         )
         sampler = loader.batch_sampler
-    return TrainingData(train_split, val_split, vocab, train_table, FeatureTable(train_cache, runtime.device), sampler,
-                        loader, val_table, val_features, train_cache)
+    train_features = FeatureTable(train_cache, runtime.device, encoder.feature_shape)
+    return TrainingData(train_split, val_split, vocab, train_table, train_features, sampler, loader, val_table,
+                        val_features, train_cache)
 
 
 def set_feature_stats(model: Captioner, data: TrainingData, cfg: TrainConfig, runtime: Runtime) -> None:
@@ -504,11 +517,12 @@ def image_batch(batch, runtime: Runtime, image_size: int, vocab: Vocabulary) -> 
 
 def train_step(run: Run, captions: torch.Tensor, features: torch.Tensor | None, images: torch.Tensor | None,
                weight: float, global_step: int) -> torch.Tensor:
-    """One optimiser step on the cross-entropy of a batch; returns the loss (on the device)."""
+    """One optimiser step on `caption_loss` of a batch; returns its cross-entropy per word (on the device)."""
     cfg = run.cfg
     with autocast(run.runtime):
-        outputs = run.ddp(captions, features=features, images=images)
-    loss = F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten()) * weight
+        logits, alphas = run.ddp(captions, features=features, images=images)
+    loss, cross_entropy = caption_loss(logits, captions, alphas, cfg.alpha_c)
+    loss, cross_entropy = loss * weight, cross_entropy * weight
     if global_step + 1 == cfg.nan_at_step:
         loss = loss * float("nan")
     run.optimizer.zero_grad(set_to_none=True)
@@ -518,7 +532,18 @@ def train_step(run: Run, captions: torch.Tensor, features: torch.Tensor | None, 
     run.optimizer.step()
     run.scheduler.step()
     run.watch.record(loss, global_step)
-    return loss
+    return cross_entropy
+
+
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, alphas: torch.Tensor | None,
+                 alpha_c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training objective and the cross-entropy per word in it: for an attention decoder (`alphas`
+    [B, L, P]) the objective adds its doubly stochastic penalty weighted by `alpha_c`. The metrics report the
+    cross-entropy alone, so that the two decoders' losses compare."""
+    cross_entropy = F.cross_entropy(logits.float().flatten(0, 1), captions.flatten())
+    if alphas is None:
+        return cross_entropy, cross_entropy
+    return cross_entropy + alpha_c * attention_penalty(alphas), cross_entropy
 
 
 def read_out(run: Run, tally: EpochTally, bar: tqdm, done: int) -> None:
@@ -590,7 +615,8 @@ def save_epoch(run: Run, record: dict) -> None:
 @torch.no_grad()
 def validate(model: Captioner, table: CaptionTable | None, features: FeatureTable | None, split: Split,
              vocab: Vocabulary, cfg: TrainConfig, runtime: Runtime) -> float:
-    """Mean cross-entropy per word on the validation captions (centre view), averaged over all processes.
+    """Mean cross-entropy per word on the validation captions (centre view), averaged over all processes (for
+    either decoder: the attention penalty is left out, so the two compare).
 
     Without a cache the validation images go through the current ResNet first (in memory, not cached).
     """
@@ -598,7 +624,7 @@ def validate(model: Captioner, table: CaptionTable | None, features: FeatureTabl
     if table is None:
         computed = features_in_memory(model.encoder, split.paths, cfg, runtime, "validation images")
         table = caption_table(split, vocab, computed.readable).to(runtime.device)
-        features = FeatureTable(computed, runtime.device)
+        features = FeatureTable(computed, runtime.device, model.encoder.feature_shape)
     sampler = BucketBatchSampler(table.lengths, cfg.batch_size, shuffle=False, num_replicas=runtime.world_size,
                                  rank=runtime.rank)
     batches = list(sampler)
@@ -610,8 +636,8 @@ def validate(model: Captioner, table: CaptionTable | None, features: FeatureTabl
                                                total=len(batches), desc="validation", unit="batch", leave=False,
                                                disable=not runtime.is_main):
         with autocast(runtime):
-            outputs = model(captions, features=batch_features)
-        total += F.cross_entropy(outputs.float().flatten(0, 1), captions.flatten(), reduction="sum")
+            logits, _ = model(captions, features=batch_features)
+        total += F.cross_entropy(logits.float().flatten(0, 1), captions.flatten(), reduction="sum")
         tokens += captions.numel()
     model.train()
     total_sum, token_sum = runtime.sum([float(total), tokens])

@@ -15,7 +15,7 @@ from conftest import make_vocab
 from PIL import Image
 
 import caption
-from data_loader import build_transform
+from image_io import build_transform
 from model import DecoderRNN, EncoderCNN, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]

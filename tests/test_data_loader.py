@@ -20,17 +20,19 @@ from PIL import Image
 
 from data_loader import (
     BucketBatchSampler,
+    coco_image_files,
+    dataset_paths,
+    get_loader,
+    load_coco,
+    ready_dataset,
+)
+from image_io import (
     ImageFileDataset,
     UnreadableImage,
     _decode_jpeg,
     build_transform,
-    coco_image_files,
-    dataset_paths,
-    get_loader,
     image_batches,
-    load_coco,
     load_image,
-    ready_dataset,
     resize_side,
     transform_eval,
     transform_train,
@@ -352,7 +354,7 @@ def test_gpu_decoding_matches_pil_and_never_waits_for_the_gpu(tiny_coco):
             batches = [(images.cpu(), indices, ok) for images, indices, ok in image_batches(paths, 32, "cuda", 5)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"line {w.lineno}: {w.message}" for w in caught if Path(w.filename).name == "data_loader.py"]
+    syncs = [f"line {w.lineno}: {w.message}" for w in caught if Path(w.filename).name == "image_io.py"]
     assert not syncs
     images, indices, ok = (torch.cat(parts) for parts in zip(*batches, strict=True))
     assert indices.tolist() == list(range(len(paths))) and ok.all()
@@ -399,7 +401,7 @@ def test_cpu_batches_let_large_tensors_reuse_heap_memory_until_the_end(tmp_path)
     script = textwrap.dedent("""
         import ctypes, json, os, sys, torch
         from pathlib import Path
-        from data_loader import image_batches
+        from image_io import image_batches
 
         class MallInfo2(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -1,4 +1,4 @@
-"""evaluate.py: metrics equal coco-caption's, Python PTB tokenizing equals Java's, files and CLI errors."""
+"""metrics.py, evaluate.py: scores equal coco-caption's, Python PTB tokens equal Java's, files, CLI errors."""
 
 import json
 import os
@@ -14,10 +14,11 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
 import evaluate
+import metrics
 from caption import write_results
 
 REPO = Path(__file__).resolve().parents[1]
-needs_java = pytest.mark.skipif(not evaluate.java_available(), reason="needs java on PATH")
+needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs java on PATH")
 
 # 11 images, 5 references each (image 9 has no candidate: results may cover a subset), punctuation throughout.
 REFERENCES = {
@@ -188,7 +189,7 @@ def java_and_coco_eval_cap(annotations) -> tuple[dict, COCOEvalCap]:
     (a METEOR JVM takes ~10 s to start)."""
     with ThreadPoolExecutor(1) as pool:
         ours = pool.submit(
-            evaluate.score_captions,
+            metrics.score_captions,
             RESULTS,
             evaluate.references_from_coco(annotations),
             use_java=None,
@@ -225,7 +226,7 @@ def test_scores_equal_coco_eval_cap(java_scores, coco_eval_cap):
 @needs_java
 def test_python_tokenizer_equals_java_ptb_tokenizer():
     java = PTBTokenizer().tokenize({k: [{"caption": c}] for k, c in enumerate(PUNCTUATED)})
-    python = {k: [evaluate.ptb_tokenize(c)] for k, c in enumerate(PUNCTUATED)}
+    python = {k: [metrics.ptb_tokenize(c)] for k, c in enumerate(PUNCTUATED)}
     assert python == java
     assert python[0] == ["a man 's dog running on the beach"]
     assert python[4] == ["a man -lrb- wearing a hat -rrb- sits on a bench -lsb- left -rsb- -lcb- ok -rcb-"]
@@ -233,15 +234,15 @@ def test_python_tokenizer_equals_java_ptb_tokenizer():
 
 @needs_java
 def test_python_path_omits_meteor_and_matches_java_path(java_scores, annotations):
-    scores = evaluate.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=False)
-    assert list(scores) == [m for m in evaluate.METRICS if m != "METEOR"]
+    scores = metrics.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=False)
+    assert list(scores) == [m for m in metrics.METRICS if m != "METEOR"]
     for metric, value in scores.items():
         assert value == java_scores[metric], metric
 
 
 def test_scores_only_the_images_in_results(annotations):
     references = evaluate.references_from_coco(annotations)
-    one = evaluate.score_captions(RESULTS[:1], references, use_java=False, per_image=True)
+    one = metrics.score_captions(RESULTS[:1], references, use_java=False, per_image=True)
     assert list(one["per_image"]) == [174482]
     assert one["CIDEr"] == one["per_image"][174482]["CIDEr"]  # the corpus score of one image is its own score
 
@@ -250,9 +251,9 @@ def test_scores_do_not_depend_on_the_order_of_the_results(annotations):
     """Images are scored in the references' order (as COCOEvalCap does), so the float sums, and so the scores,
     are the same bit for bit whatever order the results file lists them in."""
     references = evaluate.references_from_coco(annotations)
-    scores = evaluate.score_captions(RESULTS, references, use_java=False)
+    scores = metrics.score_captions(RESULTS, references, use_java=False)
     for order in (RESULTS[::-1], sorted(RESULTS, key=lambda r: r["image_id"]), RESULTS[5:] + RESULTS[:5]):
-        assert evaluate.score_captions(order, references, use_java=False) == scores
+        assert metrics.score_captions(order, references, use_java=False) == scores
 
 
 def test_references_follow_annotation_file_order(annotations):
@@ -283,22 +284,22 @@ def test_no_java_on_path_skips_meteor_with_a_note(tmp_path, annotations):
     assert proc.returncode == 0, proc.stderr
     assert "METEOR skipped" in proc.stderr
     scores = json.loads(proc.stdout)
-    assert list(scores) == [m for m in evaluate.METRICS if m != "METEOR"]
+    assert list(scores) == [m for m in metrics.METRICS if m != "METEOR"]
 
 
 def test_use_java_true_without_java_raises(monkeypatch, annotations):
     monkeypatch.setenv("PATH", "")
-    assert not evaluate.java_available()
+    assert not metrics.java_available()
     with pytest.raises(RuntimeError, match="java"):
-        evaluate.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=True)
+        metrics.score_captions(RESULTS, evaluate.references_from_coco(annotations), use_java=True)
 
 
 @needs_java
 def test_line_breaks_inside_captions_do_not_shift_java_tokens():
     captions = {1: ["A man\rriding a horse."], 2: ["A dog\r\non a\u2028beach."], 3: ["A cat."]}
     expected = {1: ["a man riding a horse"], 2: ["a dog on a beach"], 3: ["a cat"]}
-    assert evaluate.tokenize_captions(captions, use_java=True) == expected
-    assert evaluate.tokenize_captions(captions, use_java=False) == expected
+    assert metrics.tokenize_captions(captions, use_java=True) == expected
+    assert metrics.tokenize_captions(captions, use_java=False) == expected
 
 
 # ---- results files and the command line ----
@@ -342,7 +343,7 @@ def test_cli_table_and_examples(tmp_path, annotations, capsys):
     ]
     assert "METEOR" not in out
 
-    scores = evaluate.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)
+    scores = metrics.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)
     ranked = sorted(scores["per_image"], key=lambda i: scores["per_image"][i]["CIDEr"])
     worst, best = ranked[0], ranked[-1]
     assert worst == 252219  # "zebras grazing in tall grass" for a skate park
@@ -370,7 +371,7 @@ def test_cli_json_with_examples(tmp_path, annotations, capsys):
     assert examples["worst"][0]["image_id"] == 252219
     assert examples["worst"][0]["CIDEr"] <= examples["best"][0]["CIDEr"]
     assert set(examples["best"][0]) == {"image_id", "CIDEr", "caption", "reference"}
-    scores = evaluate.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)["per_image"]
+    scores = metrics.score_captions(RESULTS, REFERENCES, use_java=False, per_image=True)["per_image"]
     ranked = sorted(scores, key=lambda i: scores[i]["CIDEr"])
     assert [e["image_id"] for e in examples["best"]] == ranked[::-1][:3]  # the best first
     assert [e["image_id"] for e in examples["worst"]] == ranked[:3]  # the worst first
@@ -459,7 +460,7 @@ def test_first_caption_per_image_keeps_the_first(tmp_path, annotations, capsys):
     assert dropped == 2 and kept == [*RESULTS, {"image_id": 9, "caption": "food in trays"}]
     assert json.loads(out) == {
         k: v
-        for k, v in evaluate.score_captions(
+        for k, v in metrics.score_captions(
             kept, evaluate.references_from_coco(annotations), use_java=False
         ).items()
     }
@@ -502,11 +503,11 @@ def test_save_and_load_results_round_trip(tmp_path):
 
 def test_score_captions_rejects_duplicates_and_unknown_ids():
     with pytest.raises(ValueError, match="several captions"):
-        evaluate.score_captions([RESULTS[0], RESULTS[0]], REFERENCES, use_java=False)
+        metrics.score_captions([RESULTS[0], RESULTS[0]], REFERENCES, use_java=False)
     with pytest.raises(ValueError, match="no references"):
-        evaluate.score_captions([{"image_id": 1, "caption": "a cat"}], REFERENCES, use_java=False)
+        metrics.score_captions([{"image_id": 1, "caption": "a cat"}], REFERENCES, use_java=False)
     with pytest.raises(ValueError, match="1 image ids have no references"):  # an empty list is none either
-        evaluate.score_captions([{"image_id": 9, "caption": "a cat"}], {**REFERENCES, 9: []}, use_java=False)
+        metrics.score_captions([{"image_id": 9, "caption": "a cat"}], {**REFERENCES, 9: []}, use_java=False)
 
 
 # ---- Karpathy split ----
@@ -633,7 +634,7 @@ def test_cli_captions_a_split_and_reports_unreadable_images(model_and_split, tmp
     results = evaluate.load_results(saved)
     assert [r["image_id"] for r in results] == [1, 2, 3]
     assert all(0 < len(r["caption"].split()) <= 6 for r in results)  # --max-len 6: at most 6 ids
-    expected = evaluate.score_captions(results, MODEL_REFERENCES, use_java=False)
+    expected = metrics.score_captions(results, MODEL_REFERENCES, use_java=False)
     assert report["model"] == {**expected, "images": 3, "unreadable": 1}
 
 
@@ -737,12 +738,12 @@ def test_latest_weights_are_the_highest_epoch_by_number(tmp_path):
 
 
 def test_format_comparison_puts_each_model_in_its_own_column():
-    model = {m: 0.1 * k for k, m in enumerate(evaluate.METRICS)}
+    model = {m: 0.1 * k for k, m in enumerate(metrics.METRICS)}
     baseline = {m: v + 0.5 for m, v in model.items() if m != "METEOR"}  # a metric one lacks is left out
     lines = evaluate.format_comparison({"model": model, "baseline": baseline}).splitlines()
     assert lines[0].split() == ["metric", "model", "baseline"]
     assert [line.split() for line in lines[1:]] == [
-        [m, f"{model[m]:.4f}", f"{baseline[m]:.4f}"] for m in evaluate.METRICS if m != "METEOR"
+        [m, f"{model[m]:.4f}", f"{baseline[m]:.4f}"] for m in metrics.METRICS if m != "METEOR"
     ]
 
 

@@ -551,3 +551,23 @@ def test_sample_subcommand_calls_make_sample_dataset(tmp_path, monkeypatch, caps
     assert prepare_data.main(["sample", "--root", str(tmp_path / "s"), "--seed", "3"]) == 0
     assert calls == [(tmp_path / "s", 3)]
     assert capsys.readouterr().out.strip() == str({"root": str(tmp_path / "s")})
+
+
+def test_sample_spatial_flag_asks_for_the_spatial_variant_at_its_own_default_root(tmp_path, monkeypatch, capsys):
+    """`sample --spatial` never lands on data/sample (a plain set there would be replaced); plain calls are as before."""
+    calls = []
+
+    def fake(root, seed=0, **options):
+        calls.append((root, seed, options))
+        return {"root": str(root)}
+
+    module = types.ModuleType("sample_data")
+    module.make_sample_dataset = fake
+    monkeypatch.setitem(sys.modules, "sample_data", module)
+    assert prepare_data.main(["sample", "--spatial"]) == 0
+    assert prepare_data.main(["sample", "--spatial", "--root", str(tmp_path / "s"), "--seed", "2"]) == 0
+    assert prepare_data.main(["sample"]) == 0
+    assert calls == [(Path("data/sample-spatial"), 0, {"variant": "spatial"}),
+                     (tmp_path / "s", 2, {"variant": "spatial"}),
+                     (Path("data/sample"), 0, {})]
+    assert capsys.readouterr().out.splitlines()[0] == str({"root": str(Path("data/sample-spatial"))})
