@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SAMPLE := data/sample
 DEMO_OUT := models/sample
 
-.PHONY: setup demo test lint format coco bench strip-notebooks clean
+.PHONY: setup demo spatial test lint format coco bench strip-notebooks clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ demo: setup
 	$(PY) train.py --data sample --out-dir $(DEMO_OUT)
 	$(PY) train.py --data sample --blind --out-dir $(DEMO_OUT)-blind
 	$(PY) evaluate.py --data sample --split val --models $(DEMO_OUT) --baseline $(DEMO_OUT)-blind --examples 3
+
+# The attention decoder against the pooled LSTM on the set whose captions say where things are (same epochs, seed).
+spatial: setup
+	$(PY) prepare_data.py sample --root data/sample-spatial --spatial
+	$(PY) train.py --data sample-spatial --out-dir models/sample-spatial
+	$(PY) train.py --data sample-spatial --decoder attention --out-dir models/sample-spatial-attention
+	$(PY) evaluate.py --data sample-spatial --split val --models models/sample-spatial-attention \
+		--baseline models/sample-spatial --examples 3
 
 test: setup
 	$(PY) -m pytest -q

@@ -8,7 +8,9 @@ percentile 8-16, a tail past 40) as a COCO-format dataset in a temporary folder,
 functions: feature extraction (CPU JPEG decoding; on CUDA also batched GPU decoding), 3 epochs of training from
 the feature cache and through the per-caption path (train.py --no-cache: every caption's JPEG is decoded and run
 through the ResNet-50 at every step, DataLoader workers, same model, same batch size), decoding throughput
-(sample() one image at a time, batched greedy, beam 3 batched and one at a time) and peak memory. Training is
+(sample() one image at a time, batched greedy, beam 3 batched and one at a time), the attention decoder's
+training from its grid cache (image_size / 32 cells a side; rate against the pooled LSTM's) and its beam 3 batched
+and one at a time, and peak memory. Training is
 timed in wall time and in CPU time, which barely moves when other programs share the cores. It prints one table
 with PASS/FAIL per target; `--json` writes every figure. Ratios against the baseline measured in the same run
 are the headline; absolute numbers mean something only from a GPU. `--profile DIR` adds, after the timed runs,
@@ -43,7 +45,7 @@ from config import TrainConfig, TrainingError, positive_int
 from data_loader import coco_image_files, dataset_paths
 from features import extract_features
 from fileio import atomic_write
-from model import FEATURE_SIZE, EncoderCNN, load_pretrained
+from model import FEATURE_SIZE, EncoderCNN, GridEncoder, load_pretrained
 from profiling import profile_line, profiler, write_profile
 from runtime import Runtime, start_runtime
 from train import train
@@ -81,6 +83,7 @@ class BenchConfig:
     decode_images: int  # images decoded in batches
     decode_batch: int  # images per batched decoding call
     one_at_a_time_images: int  # images decoded one by one (a subset: it is the slow way)
+    attention_size: int  # the attention decoder's (its other sizes are the LSTM's; its grid is image_size / 32)
 
 
 PRESETS = {
@@ -90,19 +93,19 @@ PRESETS = {
     "cpu": BenchConfig(
         device="cpu", images=400, image_size=128, mirror=False, word_list=1000, vocab_threshold=4, embed_size=128,
         hidden_size=256, num_layers=1, dropout=0.0, batch_size=64, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=64,
-        decode_images=400, decode_batch=400, one_at_a_time_images=200,
+        decode_images=400, decode_batch=400, one_at_a_time_images=200, attention_size=128,
     ),
     "quick": BenchConfig(
         device="cpu", images=32, image_size=32, mirror=False, word_list=200, vocab_threshold=2, embed_size=64,
         hidden_size=128, num_layers=1, dropout=0.0, batch_size=32, lr=3e-3, epochs=3, num_workers=2, extract_batch_size=32,
-        decode_images=32, decode_batch=32, one_at_a_time_images=16,
+        decode_images=32, decode_batch=32, one_at_a_time_images=16, attention_size=64,
     ),
     # The seeds' model on a COCO-sized vocabulary.
     "cuda": BenchConfig(
         device="cuda", images=5000, image_size=224, mirror=True, word_list=10000, vocab_threshold=4, embed_size=512,
         hidden_size=512, num_layers=2, dropout=0.1, batch_size=256, lr=1e-3, epochs=3,
         num_workers=min(16, os.cpu_count() or 1), extract_batch_size=256, decode_images=5000, decode_batch=5000,
-        one_at_a_time_images=200,
+        one_at_a_time_images=200, attention_size=512,
     ),
 }
 
@@ -115,6 +118,8 @@ CPU_TARGETS = [  # (name, figure, bound, threshold, what it means)
      "val loss relative difference, cache vs per-caption"),
     ("greedy_batched", "speedups.greedy_batched", ">=", 10.0, "batched greedy vs one-at-a-time sample() (x)"),
     ("beam_batched", "speedups.beam_batched", ">=", 3.0, "batched beam 3 vs one-at-a-time beam 3 (x)"),
+    ("attention_beam_batched", "speedups.attention_beam_batched", ">=", 5.0,
+     "attention decoder: batched beam 3 vs one-at-a-time beam 3 (x)"),
 ]
 GPU_TARGETS = [
     ("feature_extraction", "feature_extraction.gpu_decode_images_per_s", ">=", 3000.0,
@@ -123,6 +128,12 @@ GPU_TARGETS = [
      "decoder training from cache, after the warm-up epoch (captions/s)"),
     ("coco_epoch", "training.coco_epoch_seconds", "<=", 10.0, "COCO train2014 epoch from cache (s)"),
     ("beam_decoding", "decoding.beam3_batched_images_per_s", ">=", 5000.0, "batched beam-3 decoding (images/s)"),
+    # 0.4x the LSTM's target: per beam and step the attention decoder does about 1.4x the multiply-adds of the
+    # cuda preset's 2-layer LSTM (its cell also reads the 2048-d context; f_beta; scores over 49 cells) and
+    # reorder_state copies each beam's 49x2048 grid and its projection (about 1 MB read and written: on an H200
+    # as long as the arithmetic). Not measured yet (BENCHMARKS.md, "Attention decoder: plan").
+    ("attention_beam_decoding", "attention.decoding.beam3_batched_images_per_s", ">=", 2000.0,
+     "attention decoder: batched beam-3 decoding, 7x7 grid (images/s)"),
 ]
 
 
@@ -355,9 +366,11 @@ def feature_cosine(features: np.ndarray, reference: np.ndarray) -> float:
     return float(cosine.mean())
 
 
-def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: bool) -> TrainConfig:
-    """The same model, data, batch size and schedule for both paths; only `cache` differs."""
-    return TrainConfig(
+def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: bool,
+                 decoder: str = "lstm") -> TrainConfig:
+    """The same data, sizes, batch size and schedule for every run; `cache` and `decoder` differ. The attention
+    decoder (one LSTM cell) attends over a grid of image_size / 32 cells a side, the ResNet's last map."""
+    config = TrainConfig(
         data="sample", data_root=str(root), image_size=cfg.image_size, mirror=cfg.mirror,
         vocab_threshold=cfg.vocab_threshold,
         pretrained=False, embed_size=cfg.embed_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -365,6 +378,15 @@ def train_config(cfg: BenchConfig, root: Path, work: Path, name: str, cache: boo
         out_dir=str(work / name), cache_dir=str(work / "features"), num_workers=cfg.num_workers,
         extract_batch_size=cfg.extract_batch_size, device=cfg.device,
     )
+    if decoder == "lstm":
+        return config
+    return replace(config, decoder=decoder, num_layers=1, grid=attention_grid(cfg.image_size),
+                   attention_size=cfg.attention_size)
+
+
+def attention_grid(image_size: int) -> int:
+    """Cells a side of the attention decoder's grid: the ResNet-50's last map is image_size / 32 a side."""
+    return max(1, image_size // 32)
 
 
 def cpu_seconds() -> float:
@@ -444,30 +466,20 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
     """Images/s of sample() one image at a time, batched greedy, beam 3 batched and one at a time, from the
     cached features of the model trained above. With `profile_dir`, then a torch.profiler record of one batched
     beam-3 call in profile_dir/beam."""
-    files = trained["files"]
-    encoder, decoder, _ = load_pretrained(files["encoder"], files["decoder"], files["vocab"], device)
-    cached = np.load(Path(trained["cache"]) / "features.npy", mmap_mode="r")
-    count = min(cfg.decode_images, len(cached))
-    features = encoder.embed(torch.from_numpy(np.array(cached[:count, 0])).float().to(device))
-    single = features[: min(cfg.one_at_a_time_images, count)]
-    batch = cfg.decode_batch
+    decoder, features = decoding_inputs(cfg, trained, device)
+    single, batch = features[: cfg.one_at_a_time_images], cfg.decode_batch
     sample_seconds, sampled = one_at_a_time(
         lambda f: decoder.sample(f.view(1, 1, -1), max_len=MAX_DECODE_LEN), single, device)
     greedy_seconds, greedy = batched(lambda f: decoder.greedy_search(f, MAX_DECODE_LEN), features, batch, device)
-    beam_single_seconds, beams_single = one_at_a_time(
-        lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0], single, device)
-    beam_seconds, beams = batched(lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN), features, batch, device)
-    result = {
-        "images_batched": count,
-        "images_one_at_a_time": len(single),
-        "max_len": MAX_DECODE_LEN,
+    beam = timed_beam_search(decoder, features, cfg, device)
+    result = decoding_counts(features, cfg) | {
         "sample_one_at_a_time_images_per_s": rate(len(single), sample_seconds),
-        "greedy_batched_images_per_s": rate(count, greedy_seconds),
-        "beam3_one_at_a_time_images_per_s": rate(len(single), beam_single_seconds),
-        "beam3_batched_images_per_s": rate(count, beam_seconds),
+        "greedy_batched_images_per_s": rate(len(features), greedy_seconds),
+        "beam3_one_at_a_time_images_per_s": beam["beam3_one_at_a_time_images_per_s"],
+        "beam3_batched_images_per_s": beam["beam3_batched_images_per_s"],
         # batched and one-at-a-time decoding of the same images should give the same captions
         "greedy_agreement": agreement(sampled, greedy),
-        "beam3_agreement": agreement(beams_single, beams),
+        "beam3_agreement": beam["beam3_agreement"],
         "mean_caption_ids": round(float(np.mean([len(ids) for ids in greedy])), 2),
         "cuda_peak_mib": cuda_peak_mib(device),
     }
@@ -477,13 +489,75 @@ def measure_decoding(cfg: BenchConfig, trained: dict, device: torch.device, prof
     return result
 
 
+@torch.no_grad()
+def decoding_inputs(cfg: BenchConfig, trained: dict, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder a timed_training run saved (either kind, via load_pretrained) and what it decodes from: the
+    centre views of the first cfg.decode_images cached images, as the decoder takes them (decoder_features)."""
+    files = trained["files"]
+    encoder, decoder, _ = load_pretrained(files["encoder"], files["decoder"], files["vocab"], device)
+    cached = np.load(Path(trained["cache"]) / "features.npy", mmap_mode="r")
+    raw = torch.from_numpy(np.array(cached[: cfg.decode_images, 0])).float().to(device)
+    return decoder, decoder_features(encoder, raw)
+
+
+def decoder_features(encoder: EncoderCNN | GridEncoder, raw: torch.Tensor) -> torch.Tensor:
+    """Cached ResNet features [N, *encoder.feature_shape] as the decoder takes them: the image embeddings [N, E]
+    of an EncoderCNN (whose `embed` holds the standardisation), a GridEncoder's standardised grid [N, P, 2048]."""
+    if isinstance(encoder, GridEncoder):
+        return (raw - encoder.feature_mean) / encoder.feature_std
+    return encoder.embed(raw)
+
+
+def decoding_counts(features: torch.Tensor, cfg: BenchConfig) -> dict:
+    """How many images are decoded in batches and one at a time, and the longest caption (ids)."""
+    return {"images_batched": len(features), "images_one_at_a_time": min(cfg.one_at_a_time_images, len(features)),
+            "max_len": MAX_DECODE_LEN}
+
+
+def timed_beam_search(decoder: torch.nn.Module, features: torch.Tensor, cfg: BenchConfig,
+                      device: torch.device) -> dict:
+    """Beam 3 over the first cfg.one_at_a_time_images rows one at a time and over all rows cfg.decode_batch at a
+    time: images/s of each, and the share of images whose two captions are the same."""
+    single = features[: cfg.one_at_a_time_images]
+    single_seconds, beams_single = one_at_a_time(
+        lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN)[0], single, device)
+    batched_seconds, beams = batched(
+        lambda f: decoder.beam_search(f, 3, MAX_DECODE_LEN), features, cfg.decode_batch, device)
+    return {
+        "beam3_one_at_a_time_images_per_s": rate(len(single), single_seconds),
+        "beam3_batched_images_per_s": rate(len(features), batched_seconds),
+        "beam3_agreement": agreement(beams_single, beams),
+    }
+
+
+def measure_attention(cfg: BenchConfig, root: Path, work: Path, device: torch.device) -> dict:
+    """The attention decoder on the same data and sizes: 3 epochs from its grid cache (built in the run; the
+    build's seconds and the cache's size), then batched beam 3 vs one image at a time from the cached grids."""
+    config = train_config(cfg, root, work, "attention", cache=True, decoder="attention")
+    training = timed_training(config, device)
+    training |= cache_figures(Path(training["cache"]))
+    decoder, features = decoding_inputs(cfg, training, device)
+    decoding = decoding_counts(features, cfg) | timed_beam_search(decoder, features, cfg, device)
+    decoding["cuda_peak_mib"] = cuda_peak_mib(device)
+    return {"grid": config.grid, "cells": config.grid**2, "attention_size": config.attention_size,
+            "training": training, "decoding": decoding}
+
+
+def cache_figures(folder: Path) -> dict:
+    """A feature cache's build time (features.py records it in key.json) and the size of its features.npy."""
+    info = json.loads((folder / "key.json").read_text())
+    return {"cache_build_seconds": info["seconds"],
+            "cache_mib": round((folder / "features.npy").stat().st_size / 2**20, 1)}
+
+
 def one_at_a_time(decode: Callable[[torch.Tensor], list], features: torch.Tensor,
                   device: torch.device) -> tuple[float, list]:
-    """Seconds to `decode` each feature row as a batch of one (after a warm-up call), and the outputs."""
+    """Seconds to `decode` each feature row (an embedding or a grid) as a batch of one (after a warm-up call),
+    and the outputs."""
     decode(features[:1])  # warm-up
     synchronize(device)
     started = time.perf_counter()
-    outputs = [decode(feature.view(1, -1)) for feature in features]
+    outputs = [decode(features[i : i + 1]) for i in range(len(features))]
     return time.perf_counter() - started, outputs
 
 
@@ -537,18 +611,17 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     device = runtime.device
     machine = machine_info(device)
     root = work / "data"
-    started = time.perf_counter()
-    data = make_bench_data(root, cfg.images, max(cfg.images // 5, 8), cfg.word_list)
-    data["generate_seconds"] = round(time.perf_counter() - started, 1)
+    data = generate_data(cfg, root)
     vocabulary.CACHE_DIR = work / "tokens"  # token caches of the throwaway data stay in the temp folder
     extraction = measure_feature_extraction(cfg, image_paths(root, "train"), runtime, profile_dir)
     training = measure_training(cfg, root, work, device, profile_dir)
     decoding = measure_decoding(cfg, training["cache"], device, profile_dir)
+    attention = measure_attention(cfg, root, work, device)
     cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
-    ratios = speedups(training, decoding)
-    for run in (cold, warm, per_caption):
+    ratios = speedups(training, decoding, attention)
+    for run in (cold, warm, per_caption, attention["training"]):
         del run["files"], run["cache"]
-    phase_peaks = [p["cuda_peak_mib"] or 0.0 for p in (extraction, cold, warm, per_caption, decoding)]
+    phases = (extraction, cold, warm, per_caption, decoding, attention["training"], attention["decoding"])
     results = {
         "config": asdict(cfg),
         "machine": machine,
@@ -558,7 +631,8 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
         "setup": {"first_seconds": cold["setup_seconds"], "second_seconds": warm["setup_seconds"],
                   "second_run_reused_feature_cache": not warm["cache_built"]},
         "decoding": decoding,
-        "memory": peak_rss_mib() | {"cuda_max_allocated_mib": max(phase_peaks) if device.type == "cuda" else None},
+        "attention": attention,
+        "memory": peak_rss_mib() | {"cuda_max_allocated_mib": cuda_max_allocated_mib(device, phases)},
         "speedups": ratios,
     }
     if profile_dir is not None:
@@ -567,6 +641,19 @@ def run_benchmark(cfg: BenchConfig, work: Path, profile_dir: Path | None = None)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = check_targets(results, CPU_TARGETS + (GPU_TARGETS if device.type == "cuda" else []))
     return results
+
+
+def generate_data(cfg: BenchConfig, root: Path) -> dict:
+    """make_bench_data for the preset's images (a fifth as many, at least 8, for validation), timed."""
+    started = time.perf_counter()
+    data = make_bench_data(root, cfg.images, max(cfg.images // 5, 8), cfg.word_list)
+    data["generate_seconds"] = round(time.perf_counter() - started, 1)
+    return data
+
+
+def cuda_max_allocated_mib(device: torch.device, phases: tuple[dict, ...]) -> float | None:
+    """The largest of the phases' CUDA peaks (their `cuda_peak_mib`); None off CUDA."""
+    return max(phase["cuda_peak_mib"] or 0.0 for phase in phases) if device.type == "cuda" else None
 
 
 def machine_info(device: torch.device) -> dict:
@@ -583,10 +670,12 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
-def speedups(training: dict, decoding: dict) -> dict:
+def speedups(training: dict, decoding: dict, attention: dict) -> dict:
     """The headline ratios, each against the baseline of the same run: training from the cache vs per caption,
-    batched vs one-at-a-time decoding, and the first run's setup vs the second's."""
+    batched vs one-at-a-time decoding, the first run's setup vs the second's; the attention decoder's training
+    rate against the pooled LSTM's (after the warm-up epoch, informative) and its batched vs one-at-a-time beam."""
     cold, warm, per_caption = training["cache"], training["cache_warm"], training["per_caption"]
+    attention_training, attention_decoding = attention["training"], attention["decoding"]
     return {
         "train_3_epochs": round(per_caption["wall_seconds"] / cold["wall_seconds"], 2),
         "train_3_epochs_cache_on_disk": round(per_caption["wall_seconds"] / warm["wall_seconds"], 2),
@@ -597,6 +686,10 @@ def speedups(training: dict, decoding: dict) -> dict:
         "beam_batched": round(
             decoding["beam3_batched_images_per_s"] / decoding["beam3_one_at_a_time_images_per_s"], 2),
         "setup_second_run": round(cold["setup_seconds"] / warm["setup_seconds"], 2),
+        "attention_train_captions_per_s_vs_lstm": round(
+            attention_training["captions_per_s_after_first_epoch"] / cold["captions_per_s_after_first_epoch"], 3),
+        "attention_beam_batched": round(attention_decoding["beam3_batched_images_per_s"]
+                                        / attention_decoding["beam3_one_at_a_time_images_per_s"], 2),
     }
 
 
@@ -607,7 +700,8 @@ def speedups(training: dict, decoding: dict) -> dict:
 
 def format_table(results: dict) -> str:
     """The figures as one plain-text table, then PASS/FAIL per target."""
-    rows = [*setup_rows(results), *training_rows(results), *decoding_rows(results), *profile_rows(results)]
+    rows = [*setup_rows(results), *training_rows(results), *decoding_rows(results), *attention_rows(results),
+            *memory_rows(results), *profile_rows(results)]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join([*lines, "", *(target_line(target) for target in results["targets"])])
@@ -659,8 +753,8 @@ def training_rows(results: dict) -> list[tuple[str, str]]:
 
 
 def decoding_rows(results: dict) -> list[tuple[str, str]]:
-    """Table rows of decoding throughput (with speedups and agreement) and of peak memory."""
-    dec, s, memory = results["decoding"], results["speedups"], results["memory"]
+    """Table rows of decoding throughput, with speedups and agreement."""
+    dec, s = results["decoding"], results["speedups"]
     return [
         ("decode, sample() 1 at a time", f"{number(dec['sample_one_at_a_time_images_per_s'])} images/s"),
         ("decode, greedy batched", f"{number(dec['greedy_batched_images_per_s'])} images/s "
@@ -668,6 +762,33 @@ def decoding_rows(results: dict) -> list[tuple[str, str]]:
         ("decode, beam 3 1 at a time", f"{number(dec['beam3_one_at_a_time_images_per_s'])} images/s"),
         ("decode, beam 3 batched", f"{number(dec['beam3_batched_images_per_s'])} images/s "
                                    f"(x{s['beam_batched']}, same captions {dec['beam3_agreement']:.0%})"),
+    ]
+
+
+def attention_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of the attention decoder: its grid, training from its cache (against the pooled LSTM's rate),
+    the cache's build, and beam-3 decoding one at a time and batched."""
+    a, s, cfg = results["attention"], results["speedups"], results["config"]
+    t, dec = a["training"], a["decoding"]
+    return [
+        ("attention, model", f"{a['grid']}x{a['grid']} grid of 2048-d cells, attention {a['attention_size']}, "
+                             f"embed {cfg['embed_size']}, hidden {cfg['hidden_size']}, one LSTM cell"),
+        ("attention, grid cache", f"{t['cache_build_seconds']:.1f} s to build ({number(t['cache_mib'])} MiB), "
+                                  f"setup {t['setup_seconds']:.1f} s"),
+        ("attention, train from cache", f"{number(t['captions_per_s'])} captions/s, "
+                                        f"{number(t['captions_per_s_after_first_epoch'])} after the first epoch "
+                                        f"(x{s['attention_train_captions_per_s_vs_lstm']} the LSTM's)"),
+        ("attention, 3 epochs", f"{t['wall_seconds']:.1f} s, val loss {t['val_loss']:.4f}"),
+        ("attention, beam 3 1 at a time", f"{number(dec['beam3_one_at_a_time_images_per_s'])} images/s"),
+        ("attention, beam 3 batched", f"{number(dec['beam3_batched_images_per_s'])} images/s "
+                                      f"(x{s['attention_beam_batched']}, same captions {dec['beam3_agreement']:.0%})"),
+    ]
+
+
+def memory_rows(results: dict) -> list[tuple[str, str]]:
+    """Table rows of peak memory: resident (the process, its largest worker) and CUDA."""
+    memory = results["memory"]
+    return [
         ("peak RSS (main / worker)", f"{memory['rss_peak_mib']:.0f} MiB / {memory['children_rss_peak_mib']:.0f} MiB"),
         ("CUDA max allocated", f"{number(memory['cuda_max_allocated_mib'], 0)} MiB"),
     ]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from caption import caption_image_files, check_writable, write_results
 from config import add_captioning_options, non_negative_int
-from data_loader import coco_image_files, dataset_paths
+from data_loader import DATA_ROOTS, coco_image_files, dataset_paths
 from metrics import METRICS, check_results, metrics_only, score_captions
 from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
 from vocabulary import Vocabulary, VocabularyError
@@ -321,8 +321,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="use the latest encoder-N/decoder-N.pkl and vocab.pkl in DIR (instead of --encoder/--decoder/--vocab)",
     )
     model.add_argument("--baseline", metavar="DIR", help="also evaluate the latest model in DIR and compare")
-    model.add_argument("--data", choices=["coco", "sample"], default=os.environ.get("CAPTION_DATA", "coco"))
-    model.add_argument("--root", help="dataset root (default data/coco or data/sample)")
+    model.add_argument("--data", choices=sorted(DATA_ROOTS), default=os.environ.get("CAPTION_DATA", "coco"))
+    model.add_argument("--root", help="dataset root (default data/DATA: data/coco, data/sample, ...)")
     model.add_argument("--split", choices=EVAL_SPLITS, default="val")
     add_captioning_options(model)
     model.add_argument("--save-results", metavar="PATH", help="write the model's captions as COCO results JSON")

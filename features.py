@@ -35,15 +35,16 @@ from runtime import Runtime, autocast, decodes_on_device
 
 CACHE_FORMAT = 2  # bump when the cache layout or the extraction changes
 STATS_IMAGES = 512  # images whose features give the standardisation statistics when there is no cache
+STATS_CHUNK = 4096  # images (pooled) or image cells (grid) read from the cache at a time
 EXTRACT_FLUSH_BATCHES = 16  # batches of features kept on the GPU between copies to the cache (no wait per batch)
 
 
 @dataclass
 class FeatureCache:
-    """Pooled ResNet features of a split's images: `features[row, view]` (float16), `readable[row]`."""
+    """ResNet features of a split's images: `features[row, view]` (float16), `readable[row]`."""
 
     path: Path | None  # the cache folder (None: computed in memory)
-    features: np.ndarray  # [images, views, 2048] float16, memory-mapped from path/features.npy
+    features: np.ndarray  # [images, views, 2048] pooled or [images, views, cells, 2048] grid, float16, memory-mapped
     readable: np.ndarray  # [images] bool: False for files that could not be read (their features are zeros)
     built: bool  # whether this call computed the features (False: an existing cache was reused)
 
@@ -238,6 +239,11 @@ def _write_pending(pending: list[tuple[torch.Tensor, torch.Tensor]], out: np.nda
         pending.clear()
 
 
+def _cells(features: np.ndarray) -> int:
+    """Feature vectors per image and view: 1 when pooled, the grid's cells otherwise."""
+    return int(np.prod(features.shape[2:-1]))
+
+
 class FeatureTable:
     """Feature rows for batches: the cache copied to the GPU once (when it fits in half the free GPU memory),
     else indexed in place in the memory-mapped file (only a batch's rows are read), or zeros (blind)."""
@@ -248,8 +254,9 @@ class FeatureTable:
         if cache is not None and device.type != "cpu" and _fits_on_device(cache.features.nbytes, device):
             stored = cache.features
             self.features = torch.empty(stored.shape, dtype=torch.float16, device=device)
-            for start in range(0, len(stored), 4096):
-                self.features[start : start + 4096] = torch.from_numpy(np.array(stored[start : start + 4096]))
+            step = max(1, STATS_CHUNK // _cells(stored))  # a bounded host copy at a time
+            for start in range(0, len(stored), step):
+                self.features[start : start + step] = torch.from_numpy(np.array(stored[start : start + step]))
         self.views = 1 if cache is None else cache.features.shape[1]
 
     def gather(self, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
@@ -271,13 +278,15 @@ def _fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 
 def feature_stats(features: np.ndarray, readable: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation of the readable images' features [images, views, 2048]."""
+    """Per-channel mean and standard deviation of the readable images' features [images, views, (cells,) 2048],
+    over every view and grid cell; read in chunks of at most 4096 feature vectors per view."""
     total = np.zeros(FEATURE_SIZE)
     squares = np.zeros(FEATURE_SIZE)
     count = 0
     rows = np.flatnonzero(readable)
-    for start in range(0, len(rows), 4096):
-        chunk = np.asarray(features[rows[start : start + 4096]], dtype=np.float64).reshape(-1, FEATURE_SIZE)
+    step = max(1, STATS_CHUNK // _cells(features))
+    for start in range(0, len(rows), step):
+        chunk = np.asarray(features[rows[start : start + step]], dtype=np.float64).reshape(-1, FEATURE_SIZE)
         total += chunk.sum(0)
         squares += (chunk**2).sum(0)
         count += len(chunk)

@@ -391,7 +391,9 @@ class AttentionDecoder(SearchMethods, nn.Module):
     sigmoid(f_beta(h)), is fed to the LSTM cell beside the previous word's embedding (a zero vector before the
     first word, whose prediction is <start>, as DecoderRNN's). Dropout sits before the output layer.
     `forward` returns the logits and every step's attention weights, for the doubly stochastic penalty
-    (`attention_penalty`). Its decoding state is (h, c, the grid features, their projection for the attention).
+    (`attention_penalty`). Its decoding state is (h, c, the grid features, their projection for the attention,
+    the image each row belongs to): beam search's reorders keep each image's beams among its own rows, so the
+    grid (5,000 images x 3 beams x 49 x 2048 values) is copied only when a row changes image.
     """
 
     def __init__(self, attention_size: int, embed_size: int, hidden_size: int, vocab_size: int,
@@ -425,15 +427,16 @@ class AttentionDecoder(SearchMethods, nn.Module):
         """decoding.py's start: (h, c) from the grid's mean (or the given `states`), the grid and its projection."""
         mean = features.mean(1)
         h, c = (self.init_h(mean), self.init_c(mean)) if states is None else states
-        return h, c, features, self.attention.project(features)
+        images = torch.arange(len(features), device=features.device)
+        return h, c, features, self.attention.project(features), images
 
     def advance(self, inputs: torch.Tensor, state: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """One step from word embeddings [N, E]: logits [N, V], the attention weights [N, P], the next state."""
-        h, c, features, projected = state
+        h, c, features, projected, images = state
         context, alpha = self.attention(features, projected, h)
         context = torch.sigmoid(self.f_beta(h)) * context
         h, c = self.lstm(torch.cat((inputs, context.to(inputs.dtype)), 1), (h, c))
-        return self.fc(self.dropout(h)), alpha, (h, c, features, projected)
+        return self.fc(self.dropout(h)), alpha, (h, c, features, projected, images)
 
     def decode_step(self, tokens: torch.Tensor | None, state: tuple) -> tuple[torch.Tensor, tuple]:
         """decoding.py's step: the previous words [N] (None before the first: a zero embedding)."""
@@ -445,8 +448,13 @@ class AttentionDecoder(SearchMethods, nn.Module):
         return logits, state
 
     def reorder_state(self, state: tuple, indices: torch.Tensor) -> tuple:
-        """decoding.py's beam bookkeeping: rows `indices` of every part of the state."""
-        return tuple(part.index_select(0, indices) for part in state)
+        """decoding.py's beam bookkeeping: rows `indices` of the state; the grid and its projection only when
+        a row now holds another image than before (one host sync)."""
+        h, c, features, projected, images = state
+        moved = images.index_select(0, indices)
+        if moved.shape != images.shape or not torch.equal(moved, images):
+            features, projected = features.index_select(0, indices), projected.index_select(0, indices)
+        return h.index_select(0, indices), c.index_select(0, indices), features, projected, moved
 
     @torch.no_grad()
     def attention_maps(self, features: torch.Tensor, captions: list[list[int]]) -> list[torch.Tensor]:
@@ -454,7 +462,7 @@ class AttentionDecoder(SearchMethods, nn.Module):
         search: decoding is deterministic, so re-reading the caption gives the weights the search saw)."""
         maps = []
         for row, ids in enumerate(captions):
-            tokens = torch.tensor([ids], device=features.device)
+            tokens = torch.tensor([ids], dtype=torch.long, device=features.device)
             maps.append(self(features[row : row + 1], tokens)[1][0].float().cpu())
         return maps
 

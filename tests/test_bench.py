@@ -1,5 +1,5 @@
 """bench.py end to end: `--quick --json --profile` runs as a subprocess and writes every figure and profile (no speed
-targets asserted)."""
+targets asserted); and the attention decoder's run settings."""
 
 import json
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import bench
+from config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,12 @@ POSITIVE_FIGURES = [
     "speedups.train_3_epochs", "speedups.train_3_epochs_cache_on_disk", "speedups.train_captions_per_s",
     "speedups.train_3_epochs_cpu_time",
     "speedups.greedy_batched", "speedups.beam_batched", "speedups.setup_second_run",
+    "attention.grid", "attention.attention_size",
+    "attention.training.wall_seconds", "attention.training.setup_seconds", "attention.training.captions_per_s",
+    "attention.training.captions_per_s_after_first_epoch", "attention.training.val_loss",
+    "attention.training.cache_build_seconds", "attention.training.cache_mib",
+    "attention.decoding.beam3_one_at_a_time_images_per_s", "attention.decoding.beam3_batched_images_per_s",
+    "speedups.attention_train_captions_per_s_vs_lstm", "speedups.attention_beam_batched",
 ]
 
 
@@ -59,7 +66,7 @@ def test_json_has_every_figure_positive(quick_run):
         value = lookup(results, dotted)
         assert isinstance(value, (int, float)) and not isinstance(value, bool), dotted
         assert value > 0, f"{dotted} = {value}"
-    assert set(results["speedups"]) >= {"train_3_epochs", "greedy_batched", "beam_batched"}
+    assert set(results["speedups"]) >= {"train_3_epochs", "greedy_batched", "beam_batched", "attention_beam_batched"}
 
 
 def test_runs_compare_the_same_work(quick_run):
@@ -81,13 +88,36 @@ def test_runs_compare_the_same_work(quick_run):
     assert results["memory"]["cuda_max_allocated_mib"] is None
 
 
+def test_attention_decoder_is_measured_on_the_same_work(quick_run):
+    _, results = quick_run
+    cfg, attention, lstm = results["config"], results["attention"], results["training"]["cache"]
+    training, decoding = attention["training"], attention["decoding"]
+    # its own grid cache, built in the run, of crop / 32 cells a side (1 at the quick preset's 32 px)
+    assert attention["grid"] == bench.attention_grid(cfg["image_size"]) == 1
+    assert training["cache_built"] is True and training["setup_seconds"] >= training["cache_build_seconds"]
+    assert len(training["val_losses"]) == cfg["epochs"] and all(loss > 0 for loss in training["val_losses"])
+    assert results["speedups"]["attention_train_captions_per_s_vs_lstm"] == round(
+        training["captions_per_s_after_first_epoch"] / lstm["captions_per_s_after_first_epoch"], 3)
+    # the LSTM's decoding counts, batched and one at a time giving the same captions
+    assert [decoding[k] for k in ("images_batched", "images_one_at_a_time", "max_len")] == [
+        results["decoding"][k] for k in ("images_batched", "images_one_at_a_time", "max_len")]
+    assert 0 <= decoding["beam3_agreement"] <= 1
+    assert results["speedups"]["attention_beam_batched"] == round(
+        decoding["beam3_batched_images_per_s"] / decoding["beam3_one_at_a_time_images_per_s"], 2)
+    assert "files" not in training and "cache" not in training
+
+
 def test_table_reports_every_cpu_target(quick_run):
     run, results = quick_run
     names = [t["name"] for t in results["targets"]]
     assert names == ["train_3_epochs", "train_3_epochs_cache_on_disk", "equal_val_loss", "greedy_batched",
-                     "beam_batched"]
+                     "beam_batched", "attention_beam_batched"]
     verdicts = [line.split()[0] for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert verdicts == ["PASS" if t["passed"] else "FAIL" for t in results["targets"]]
+    attention = next(t for t in results["targets"] if t["name"] == "attention_beam_batched")
+    assert attention["value"] == results["speedups"]["attention_beam_batched"] and attention["threshold"] == 5.0
+    for row in ("attention, grid cache", "attention, train from cache", "attention, beam 3 batched"):
+        assert row in run.stdout
 
 
 def test_gpu_targets_read_figures_that_a_run_writes(quick_run):
@@ -102,6 +132,9 @@ def test_gpu_targets_read_figures_that_a_run_writes(quick_run):
     assert checked["coco_epoch"]["value"] == training["coco_epoch_seconds"] == round(
         bench.COCO_TRAIN2014_CAPTIONS / training["cache"]["captions_per_s_after_first_epoch"], 2)
     assert checked["beam_decoding"]["value"] == results["decoding"]["beam3_batched_images_per_s"] > 0
+    attention = results["attention"]["decoding"]["beam3_batched_images_per_s"]
+    assert checked["attention_beam_decoding"]["value"] == attention > 0
+    assert set(checked) == {name for name, *_ in bench.GPU_TARGETS}
 
 
 def test_profile_records_where_each_phase_spends_its_time(quick_run):
@@ -128,6 +161,19 @@ def test_profile_records_where_each_phase_spends_its_time(quick_run):
     assert results["profile"]["extract"]["steps"] == results["profile"]["beam"]["steps"] == 1
     # the DataLoader's hand-over shows up in the extraction profile: where data-loading stalls would appear
     assert "DataLoader" in (folder / "extract" / "ops.txt").read_text()
+
+
+@pytest.mark.parametrize("preset", list(bench.PRESETS))
+def test_attention_runs_take_the_lstm_sizes_and_a_grid_from_the_crop(preset, tmp_path):
+    cfg = bench.PRESETS[preset]
+    lstm = bench.train_config(cfg, tmp_path / "data", tmp_path, "cache", cache=True)
+    attention = resolve_config(bench.train_config(cfg, tmp_path / "data", tmp_path, "attention", cache=True,
+                                                  decoder="attention"))  # accepted by train.py (one LSTM cell)
+    assert (attention.decoder, attention.num_layers, attention.attention_size) == ("attention", 1, cfg.attention_size)
+    assert attention.grid == {224: 7, 128: 4, 32: 1}[cfg.image_size] == bench.attention_grid(cfg.image_size)
+    same = ("image_size", "embed_size", "hidden_size", "dropout", "batch_size", "lr", "epochs", "cache_dir", "mirror")
+    assert [getattr(attention, k) for k in same] == [getattr(lstm, k) for k in same]
+    assert lstm.decoder == "lstm" and lstm.num_layers == cfg.num_layers
 
 
 def test_bad_arguments_exit_2(tmp_path):
