@@ -86,6 +86,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 DECODERS = ("lstm", "attention")
+POSITIONAL_DATA = ("sample-spatial",)  # captions say left and right: never trained on mirrored or flipped images
 # With --decoder attention these replace the preset's: one LSTM cell, and on COCO Show, Attend and Tell's
 # (the well-known PyTorch tutorial's) dropout 0.5 and learning rate 4e-4, with smaller batches.
 ATTENTION_PRESETS: dict[str, dict] = {
@@ -158,8 +159,8 @@ def check_decoder_settings(cfg: TrainConfig) -> None:
         raise TrainingError(f"--num-layers {cfg.num_layers}: the attention decoder has one LSTM cell")
     if cfg.alpha_c < 0:
         raise TrainingError(f"--alpha-c: must be >= 0, not {cfg.alpha_c!r}")
-    if cfg.data == "sample-spatial" and cfg.mirror:
-        raise TrainingError("--mirror: sample-spatial's captions say left and right, a mirrored view would lie")
+    if cfg.data in POSITIONAL_DATA and cfg.mirror:
+        raise TrainingError(f"--mirror: {cfg.data}'s captions say left and right, a mirrored view would lie")
 
 
 

@@ -39,15 +39,16 @@ def resize_side(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def build_transform(image_size: int = 224, train: bool = False) -> transforms.Compose:
+def build_transform(image_size: int = 224, train: bool = False, flip: bool = True) -> transforms.Compose:
     """The seeds' transforms: Resize(256) + RandomCrop(224) + flip for training, CenterCrop for evaluation.
 
-    `image_size` scales the pair (resize to 8/7 of the crop) for small images and fast CPU runs.
+    `image_size` scales the pair (resize to 8/7 of the crop) for small images and fast CPU runs; `flip=False`
+    leaves out the random mirroring, for captions that say left and right.
     """
     resize = resize_side(image_size)
     crop = transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)
     steps = [transforms.Resize(resize), crop]
-    if train:
+    if train and flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)

@@ -43,9 +43,10 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike | 
 
 def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, columns: int = 5) -> Figure:
     """Where an attention decoder looked for each word: the image (as the model saw it, a square crop) once per
-    word, with that word's attention weights over the grid upsampled on top; `alphas` [len(words), cells].
+    word, under that word's attention weights over the grid, upsampled: bright where it looked most, dark where
+    least (each word on its own scale, as Show, Attend and Tell's figures). `alphas` [len(words), cells].
 
-    On a bare matplotlib Figure (Agg) like plot_metrics; save it with `figure.savefig(path)`.
+    On a bare matplotlib Figure (Agg) like plot_metrics; save it with `save_figure`.
     """
     grid = math.isqrt(alphas.shape[1])
     if grid * grid != alphas.shape[1] or len(words) != len(alphas):
@@ -53,12 +54,9 @@ def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, c
     rows = max(1, math.ceil(len(words) / columns))
     figure = Figure(figsize=(2.2 * columns, 2.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    side = image.width
-    for ax, word, alpha in zip(axes, words, alphas, strict=False):
-        weights = alpha.reshape(grid, grid).float().numpy()
+    for ax, word, weight in zip(axes, words, alphas.reshape(-1, grid, grid).float().numpy(), strict=False):
         ax.imshow(image)
-        ax.imshow(weights / max(float(weights.max()), 1e-12), cmap="inferno", alpha=0.55, interpolation="bilinear",
-                  extent=(0, side, side, 0), vmin=0, vmax=1)
+        ax.imshow(weight, cmap="Greys_r", alpha=0.6, interpolation="bilinear", extent=(0, image.width, image.height, 0))
         ax.set_title(word, fontsize=11)
     for ax in axes:
         ax.axis("off")
