@@ -1,8 +1,10 @@
 """The frozen-CNN feature cache: ResNet features of a split's images, computed once, stored as memory-mapped float16.
 
-The ResNet-50 is frozen, so its pooled 2048-d output for an image and view never changes: `feature_cache` computes
-it once per image and view (the centre crop, and with --mirror its mirror image too) and keeps it on disk under a
-folder named by everything it depends on (`cache_key`); `FeatureTable` serves the rows of a batch.
+The ResNet-50 is frozen, so its output for an image and view never changes: `feature_cache` computes it once per
+image and view (the centre crop, and with --mirror its mirror image too) and keeps it on disk under a folder named
+by everything it depends on (`cache_key`); `FeatureTable` serves the rows of a batch. What is stored is the
+encoder's `features`: the pooled 2048-d vector (EncoderCNN) or the grid of 2048-d cells the attention decoder
+attends over (GridEncoder), so one mechanism serves both decoders.
 """
 
 from __future__ import annotations
