@@ -450,6 +450,18 @@ def test_the_reported_training_loss_is_the_cross_entropy_without_the_penalty(bas
     assert abs(p["train_loss"] - p["val_loss"]) < 1.0  # both are cross-entropies of the same untrained model
 
 
+def test_an_attention_run_without_the_cache_trains_on_the_images(base, tmp_path):
+    """--no-cache: the grids come from the ResNet at every step (and for validation and the statistics), so no
+    feature cache is written, and the files load as an attention model."""
+    result = train.train(attention_config(base, tmp_path / "out", cache=False, epochs=1,
+                                          cache_dir=str(tmp_path / "features")))
+    assert result["cache"] is None and not (tmp_path / "features").exists()
+    encoder, decoder, vocab = load_pretrained(*(Path(result["files"][k]) for k in ("encoder", "decoder", "vocab")))
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(len(vocab))  # better than uniform
+    assert isinstance(encoder, GridEncoder) and isinstance(decoder, AttentionDecoder)
+    assert not torch.equal(encoder.feature_mean, torch.zeros(2048))  # statistics from sampled images
+
+
 def test_an_attention_run_stopped_mid_epoch_resumes_to_the_same_weights(trained, base, tmp_path, capsys):
     straight = Path(trained["out_dir"])
     steps_per_epoch = trained["metrics"][0]["step"]

@@ -14,7 +14,7 @@ import torch
 from checkpoints import weights_digest
 from data_loader import BucketBatchSampler, dataset_paths
 from datasets import caption_table, read_split
-from model import Captioner, DecoderRNN, EncoderCNN
+from model import AttentionDecoder, Captioner, DecoderRNN, EncoderCNN, GridEncoder, load_pretrained
 from sample_data import make_sample_dataset
 from vocabulary import Vocabulary
 
@@ -72,3 +72,28 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
     lengths = caption_table(split, vocab, np.ones(len(split.image_ids), dtype=bool)).lengths
     steps = int(re.search(r"(\d+) steps/epoch", stdout[0]).group(1))
     assert steps == len(BucketBatchSampler(lengths, 16, num_replicas=2, rank=0)) < len(BucketBatchSampler(lengths, 16))
+
+
+def test_the_attention_decoder_trains_under_ddp_with_the_same_weights_on_both_processes(tmp_path_factory, tmp_path):
+    """The attention decoder through the same torchrun path: a grid cache, identical weights on both ranks, and the
+    saved pair loads as an attention model."""
+    shared = tmp_path_factory.getbasetemp() / "train-shared"
+    make_sample_dataset(shared / "sample", n_train=150, n_val=30, n_test=5)
+    out, cache, logs = tmp_path / "out", tmp_path / "features", tmp_path / "logs"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "CAPTION_CACHE_DIR": str(shared / "tokens")}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects=3",
+        f"--log-dir={logs}", str(REPO / "train.py"), "--data", "sample", "--data-root", str(shared / "sample"),
+        "--cache-dir", str(cache), "--out-dir", str(out), "--decoder", "attention", "--image-size", "64",
+        "--embed-size", "32", "--hidden-size", "32", "--attention-size", "16", "--dropout", "0.1",
+        "--batch-size", "16", "--epochs", "1", "--checkpoint-minutes", "0", "--log-every", "10", "--num-workers", "0",
+    ]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    stdout = {rank: next(logs.rglob(f"{rank}/stdout.log")).read_text() for rank in (0, 1)}
+    stderr = {rank: next(logs.rglob(f"{rank}/stderr.log")).read_text() for rank in (0, 1)}
+    assert run.returncode == 0, stderr[0][-3000:] + stderr[1][-3000:]
+    digests = [re.findall(r"rank \d/2: weights sha256 ([0-9a-f]{64})", stdout[rank]) for rank in (0, 1)]
+    assert digests[0] and digests[0] == digests[1]
+    assert any(p.name.startswith("captions_train-64px-grid2-") for p in cache.iterdir())
+    encoder, decoder, _ = load_pretrained(out / "encoder-1.pkl", out / "decoder-1.pkl", out / "vocab.pkl")
+    assert isinstance(encoder, GridEncoder) and isinstance(decoder, AttentionDecoder) and encoder.grid == 2
