@@ -248,6 +248,23 @@ def test_attention_that_follows_the_hidden_state_reads_the_cells_in_the_order_it
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_the_f_beta_gate_decides_how_much_of_the_context_reaches_the_lstm():
+    """A shut gate (sigmoid(f_beta(h)) = 0) passes no context: two grids with the same mean (so the same h0, c0)
+    but other cells give the same logits; an open gate lets the cells' difference through."""
+    decoder = random_decoder(seed=3)
+    cells = torch.randn(1, 4, 7, generator=torch.Generator().manual_seed(0))
+    shift = torch.zeros(1, 4, 7)
+    shift[0, 0], shift[0, 1] = 2.0, -2.0
+    grids = torch.cat((cells, cells + shift))  # the same mean, two cells moved apart
+    captions = torch.tensor([[START_ID, 3, 4, END_ID]] * 2)
+    for bias, same in ((-100.0, True), (100.0, False)):
+        with torch.no_grad():
+            decoder.f_beta.weight.zero_()
+            decoder.f_beta.bias.fill_(bias)
+        logits, _ = decoder(grids, captions)
+        assert torch.allclose(logits[0], logits[1], atol=1e-6) == same
+
+
 def test_attention_penalty_is_the_mean_squared_shortfall_of_each_cells_total_attention():
     # image 0 looks at cell 0 twice: totals (2, 0), squared shortfalls 1, 1; image 1 spreads: totals (1, 1), 0, 0
     alphas = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
