@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, fields, replace
 
 from data_loader import dataset_paths
+from sample_data import sample_variant
 
 
 @dataclass
@@ -159,8 +160,14 @@ def check_decoder_settings(cfg: TrainConfig) -> None:
         raise TrainingError(f"--num-layers {cfg.num_layers}: the attention decoder has one LSTM cell")
     if cfg.alpha_c < 0:
         raise TrainingError(f"--alpha-c: must be >= 0, not {cfg.alpha_c!r}")
-    if cfg.data in POSITIONAL_DATA and cfg.mirror:
-        raise TrainingError(f"--mirror: {cfg.data}'s captions say left and right, a mirrored view would lie")
+    if cfg.mirror and positional_captions(cfg):
+        raise TrainingError(f"--mirror: the captions of {cfg.data_root} say left and right, a mirrored view would lie")
+
+
+def positional_captions(cfg: TrainConfig) -> bool:
+    """Whether the run's captions say left and right (sample-spatial, by name or by its folder's marker), so that
+    its images must never be mirrored or flipped."""
+    return cfg.data in POSITIONAL_DATA or sample_variant(cfg.data_root) == "spatial"
 
 
 

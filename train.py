@@ -48,7 +48,14 @@ from checkpoints import (
     save_checkpoint,
     weights_digest,
 )
-from config import POSITIONAL_DATA, TrainConfig, TrainingDiverged, TrainingError, build_parser, resolve_config
+from config import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainingError,
+    build_parser,
+    positional_captions,
+    resolve_config,
+)
 from data_loader import SAMPLE_VARIANTS, BucketBatchSampler, dataset_paths, get_loader
 from datasets import CaptionTable, Split, build_vocabulary, caption_table, read_split
 from features import (
@@ -317,7 +324,7 @@ def build_data(cfg: TrainConfig, runtime: Runtime, encoder: EncoderCNN, backbone
         val_features = FeatureTable(val_cache, runtime.device, encoder.feature_shape)
     else:
         loader = get_loader(
-            build_transform(cfg.image_size, train=True, flip=cfg.data not in POSITIONAL_DATA), "train", cfg.batch_size,
+            build_transform(cfg.image_size, train=True, flip=not positional_captions(cfg)), "train", cfg.batch_size,
             vocab_file=str(Path(cfg.out_dir) / "vocab.pkl"), vocab_from_file=True, num_workers=cfg.num_workers,
             annotations_file=train_split.annotations, img_folder=train_split.image_folder, seed=cfg.seed, num_replicas=runtime.world_size, rank=runtime.rank, pin_memory=runtime.cuda,
         )

@@ -16,7 +16,7 @@ from conftest import make_vocab
 import caption
 import train
 from checkpoints import check_resumable, load_checkpoint
-from config import TrainConfig, TrainingDiverged, TrainingError, resolve_config
+from config import TrainConfig, TrainingDiverged, TrainingError, positional_captions, resolve_config
 from data_loader import dataset_paths
 from datasets import caption_table, read_split
 from model import (
@@ -618,3 +618,12 @@ def test_attention_settings_presets_and_refusals(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--num-layers 2" in errors[0]
     assert not out.exists()
+
+
+def test_a_spatial_set_is_never_mirrored_whatever_the_data_name(tmp_path):
+    """--mirror on a sample-spatial folder given as --data sample is refused too (told by the set's marker)."""
+    make_sample_dataset(tmp_path / "spatial", n_train=4, n_val=2, n_test=1, variant="spatial")
+    with pytest.raises(TrainingError, match=r"^--mirror: the captions of .*spatial say left and right"):
+        resolve_config(TrainConfig(data="sample", data_root=str(tmp_path / "spatial"), mirror=True))
+    assert positional_captions(resolve_config(TrainConfig(data="sample", data_root=str(tmp_path / "spatial"))))
+    assert not positional_captions(resolve_config(TrainConfig(data="sample", data_root=str(tmp_path / "none"))))
