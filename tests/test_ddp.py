@@ -21,22 +21,31 @@ from vocabulary import Vocabulary
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_factory, tmp_path):
+def torchrun_train(tmp_path_factory, tmp_path: Path, *options: str) -> tuple[Path, dict, dict]:
+    """`torchrun --nproc_per_node=2 train.py` on a small shared sample set with `options`; asserts it succeeded and
+    returns the sample set's folder and each rank's stdout and stderr (out/ and features/ are under tmp_path)."""
     shared = tmp_path_factory.getbasetemp() / "train-shared"
     make_sample_dataset(shared / "sample", n_train=150, n_val=30, n_test=5)
-    out, cache, logs = tmp_path / "out", tmp_path / "features", tmp_path / "logs"
+    logs = tmp_path / "logs"
     env = os.environ | {"OMP_NUM_THREADS": "1", "CAPTION_CACHE_DIR": str(shared / "tokens")}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects=3",
         f"--log-dir={logs}", str(REPO / "train.py"), "--data", "sample", "--data-root", str(shared / "sample"),
-        "--cache-dir", str(cache), "--out-dir", str(out), "--image-size", "32", "--embed-size", "64",
-        "--hidden-size", "64", "--num-layers", "2", "--dropout", "0.1", "--batch-size", "16", "--epochs", "2",
-        "--checkpoint-minutes", "0", "--log-every", "10", "--num-workers", "0",
+        "--cache-dir", str(tmp_path / "features"), "--out-dir", str(tmp_path / "out"), "--batch-size", "16",
+        "--checkpoint-minutes", "0", "--log-every", "10", "--num-workers", "0", *options,
     ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     stdout = {rank: next(logs.rglob(f"{rank}/stdout.log")).read_text() for rank in (0, 1)}
     stderr = {rank: next(logs.rglob(f"{rank}/stderr.log")).read_text() for rank in (0, 1)}
     assert run.returncode == 0, stderr[0][-3000:] + stderr[1][-3000:]
+    return shared, stdout, stderr
+
+
+def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_factory, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "features"
+    shared, stdout, stderr = torchrun_train(tmp_path_factory, tmp_path, "--image-size", "32", "--embed-size", "64",
+                                            "--hidden-size", "64", "--num-layers", "2", "--dropout", "0.1",
+                                            "--epochs", "2")
 
     digests = {}
     for rank in (0, 1):
@@ -77,21 +86,10 @@ def test_two_processes_end_with_identical_weights_and_write_files_once(tmp_path_
 def test_the_attention_decoder_trains_under_ddp_with_the_same_weights_on_both_processes(tmp_path_factory, tmp_path):
     """The attention decoder through the same torchrun path: a grid cache, identical weights on both ranks, and the
     saved pair loads as an attention model."""
-    shared = tmp_path_factory.getbasetemp() / "train-shared"
-    make_sample_dataset(shared / "sample", n_train=150, n_val=30, n_test=5)
-    out, cache, logs = tmp_path / "out", tmp_path / "features", tmp_path / "logs"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CAPTION_CACHE_DIR": str(shared / "tokens")}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects=3",
-        f"--log-dir={logs}", str(REPO / "train.py"), "--data", "sample", "--data-root", str(shared / "sample"),
-        "--cache-dir", str(cache), "--out-dir", str(out), "--decoder", "attention", "--image-size", "64",
-        "--embed-size", "32", "--hidden-size", "32", "--attention-size", "16", "--dropout", "0.1",
-        "--batch-size", "16", "--epochs", "1", "--checkpoint-minutes", "0", "--log-every", "10", "--num-workers", "0",
-    ]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    stdout = {rank: next(logs.rglob(f"{rank}/stdout.log")).read_text() for rank in (0, 1)}
-    stderr = {rank: next(logs.rglob(f"{rank}/stderr.log")).read_text() for rank in (0, 1)}
-    assert run.returncode == 0, stderr[0][-3000:] + stderr[1][-3000:]
+    out, cache = tmp_path / "out", tmp_path / "features"
+    _, stdout, _ = torchrun_train(tmp_path_factory, tmp_path, "--decoder", "attention", "--image-size", "64",
+                                  "--embed-size", "32", "--hidden-size", "32", "--attention-size", "16",
+                                  "--dropout", "0.1", "--epochs", "1")
     digests = [re.findall(r"rank \d/2: weights sha256 ([0-9a-f]{64})", stdout[rank]) for rank in (0, 1)]
     assert digests[0] and digests[0] == digests[1]
     assert any(p.name.startswith("captions_train-64px-grid2-") for p in cache.iterdir())
