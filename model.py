@@ -543,8 +543,6 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     if any(k.endswith("weight_ih_l0") or k.startswith("attention.") for k in state):
         raise WeightsFileError(f"{path}: this is a decoder weights file (it has LSTM or attention weights), not an "
                                "encoder")
-    if not any(k.startswith("resnet.") for k in state) and "grid_size" in state:
-        raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
     encoder = _grid_encoder_like(state, path) if "grid_size" in state else _pooled_encoder_like(state, path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
@@ -569,6 +567,8 @@ def _pooled_encoder_like(state: dict[str, torch.Tensor], path: Path) -> EncoderC
 
 def _grid_encoder_like(state: dict[str, torch.Tensor], path: Path) -> GridEncoder:
     """A GridEncoder on the meta device shaped as `state` (its grid size read from `grid_size`)."""
+    if not any(k.startswith("resnet.") for k in state):
+        raise WeightsFileError(f"{path}: not an encoder weights file (no resnet.* backbone weights)")
     grid = state["grid_size"]
     if grid.dim() != 0 or grid.is_floating_point() or int(grid) < 1:
         raise WeightsFileError(f"{path}: grid_size must be a positive integer, not {grid.tolist()!r}")
