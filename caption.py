@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import decoding
 from config import add_captioning_options, positive_int
+from data_loader import DATA_ROOTS, EVAL_SPLITS, split_files
 from decoding import END_ID
 from fileio import atomic_write
 from image_io import UnreadableImage, image_batches, load_image, resize_side
@@ -190,7 +191,7 @@ def write_results(results: list[dict], path: str | os.PathLike) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, checked: bad numbers fail here, before any work (argparse exits with code 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--encoder", required=True, help="encoder weights, e.g. models/encoder-3.pkl")
     parser.add_argument("--decoder", required=True, help="decoder weights, e.g. models/decoder-3.pkl")
     parser.add_argument("--vocab", default="vocab.pkl", help="the vocab.pkl the model was trained with")
@@ -201,7 +202,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write COCO results JSON here")
     parser.add_argument("--attention-map", metavar="PNG", help="attention decoder, one image: draw where it "
                         "looked for each word into this PNG")
-    return parser.parse_args(argv)
+    dataset = parser.add_argument_group("or, instead of IMAGE_OR_DIR, a dataset's split (--json then has its ids)")
+    dataset.add_argument("--split", choices=EVAL_SPLITS, help="val, test, karpathy-val or karpathy-test")
+    dataset.add_argument("--data", choices=sorted(DATA_ROOTS), default=os.environ.get("CAPTION_DATA", "coco"),
+                         help="dataset of --split (default: $CAPTION_DATA, else coco)")
+    dataset.add_argument("--root", help="its folder (default: data/DATA)")
+    dataset.add_argument("--captions", metavar="FILE", help="or any caption file, with --images DIR")
+    dataset.add_argument("--images", metavar="DIR", help="the image folder of --captions")
+    args = parser.parse_args(argv)
+    if bool(args.inputs) == bool(args.split):
+        parser.error("give image files or folders, or --split (with --data or --captions/--images), not both")
+    if (args.captions is None) != (args.images is None):
+        parser.error("--captions FILE and --images DIR go together")
+    return args
 
 
 def load_model(args: argparse.Namespace) -> tuple[EncoderCNN, DecoderRNN, Vocabulary] | None:
@@ -242,12 +255,22 @@ def draw_attention(args: argparse.Namespace, encoder: GridEncoder, decoder: Atte
 
 def caption_inputs(
     args: argparse.Namespace, encoder: EncoderCNN, decoder: DecoderRNN, vocab: Vocabulary
-) -> tuple[list[Path], list[str | None], list[str]]:
-    """The image paths found under the inputs, their captions (None: unreadable) and the error lines of inputs
-    that gave no images (printed on stderr before the captioning starts)."""
-    paths, errors = find_images(args.inputs)
+) -> tuple[list[Path], list[int | str], list[str | None], list[str]]:
+    """The image paths of the inputs (files, folders, or --split), their image ids, their captions (None:
+    unreadable) and the error lines of inputs that gave no images (printed on stderr before the captioning)."""
+    image_ids, paths, errors = [], [], []
+    if args.split:
+        try:
+            image_ids, paths, _ = split_files(args.split, args.data, args.root, args.captions, args.images)
+        except (ValueError, OSError) as e:  # CaptionFileError and a missing dataset: one line
+            errors = [str(e)]
+    else:
+        paths, errors = find_images(args.inputs)
+        image_ids = [coco_image_id(path) for path in paths]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
+    if not paths:
+        return paths, image_ids, [], errors
     captions = caption_image_files(
         encoder,
         decoder,
@@ -259,10 +282,11 @@ def caption_inputs(
         args.image_size,
         args.num_workers,
     )
-    return paths, captions, errors
+    return paths, image_ids, captions, errors
 
 
-def report(args: argparse.Namespace, paths: list[Path], captions: list[str | None], errors: list[str]) -> int:
+def report(args: argparse.Namespace, paths: list[Path], image_ids: list[int | str], captions: list[str | None],
+           errors: list[str]) -> int:
     """Print `path<TAB>caption` lines and the count of unreadable files, write the --json results; the exit code:
     2 when any input failed, gave no images or the results could not be written, else 0."""
     for path, caption in zip(paths, captions, strict=True):
@@ -275,8 +299,8 @@ def report(args: argparse.Namespace, paths: list[Path], captions: list[str | Non
         )
     if args.json:
         results = [
-            {"image_id": coco_image_id(p), "caption": c}
-            for p, c in zip(paths, captions, strict=True)
+            {"image_id": image_id, "caption": c}
+            for image_id, c in zip(image_ids, captions, strict=True)
             if c is not None
         ]
         try:
@@ -293,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args)
     if model is None:
         return 2
-    paths, captions, errors = caption_inputs(args, *model)
-    code = report(args, paths, captions, errors)
+    paths, image_ids, captions, errors = caption_inputs(args, *model)
+    code = report(args, paths, image_ids, captions, errors)
     if args.attention_map and not draw_attention(args, *model, paths):
         return 2
     return code

@@ -12,8 +12,9 @@ import os
 import re
 import typing
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
-from data_loader import dataset_paths
+from data_loader import DATA_ROOTS, default_root, locate_caption_file
 from sample_data import sample_variant
 
 
@@ -22,8 +23,10 @@ class TrainConfig:
     """Every setting of a training run. None means "the preset's value for `data`" (see PRESETS below)."""
 
     # data
-    data: str = "sample"  # dataset preset: 'sample' or 'sample-spatial' (generated, made if missing), 'coco'
-    data_root: str | None = None  # dataset folder (default: data/sample, data/sample-spatial or data/coco)
+    data: str | None = None  # dataset and preset: sample, sample-spatial (generated), coco, flickr8k, flickr30k; with --captions only the preset (default: sample, or captions with --captions)
+    data_root: str | None = None  # dataset folder (default: data/<data>, e.g. data/sample, data/coco, data/flickr8k)
+    captions: str | None = None  # train on any caption file instead (COCO JSON, Karpathy dataset_*.json, captions.txt, Flickr8k.token.txt)
+    images: str | None = None  # with --captions: the folder its image file names are relative to
     image_size: int | None = None  # side of the square crop fed to the ResNet
     vocab_threshold: int | None = None  # keep words that occur at least this often in the training captions
     # model
@@ -85,7 +88,18 @@ PRESETS: dict[str, dict] = {
         image_size=224, vocab_threshold=4, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
         num_layers=2, dropout=0.1, epochs=3, batch_size=256, lr=1e-3, grid=7, attention_size=512,
     ),
+    # Flickr8k: 30,000 training captions, so more epochs over smaller batches; the threshold keeps ~2,500 words.
+    "flickr8k": dict(
+        image_size=224, vocab_threshold=5, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
+        num_layers=2, dropout=0.3, epochs=10, batch_size=128, lr=1e-3, grid=7, attention_size=512,
+    ),
+    "flickr30k": dict(
+        image_size=224, vocab_threshold=5, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
+        num_layers=2, dropout=0.3, epochs=6, batch_size=256, lr=1e-3, grid=7, attention_size=512,
+    ),
 }
+PRESETS["captions"] = PRESETS["flickr8k"]  # --captions FILE without --data: a real dataset of Flickr8k's size
+CAPTION_FILE_DATA = ("flickr8k", "flickr30k")  # folders laid out by prepare_data.py around a caption file
 DECODERS = ("lstm", "attention")
 POSITIONAL_DATA = ("sample-spatial",)  # captions say left and right: never trained on mirrored or flipped images
 # With --decoder attention these replace the preset's: one LSTM cell, and on COCO Show, Attend and Tell's
@@ -94,6 +108,9 @@ ATTENTION_PRESETS: dict[str, dict] = {
     "sample": dict(num_layers=1),
     "sample-spatial": dict(num_layers=1),
     "coco": dict(num_layers=1, dropout=0.5, batch_size=128, lr=4e-4),
+    "flickr8k": dict(num_layers=1, dropout=0.5, batch_size=64, lr=4e-4),
+    "flickr30k": dict(num_layers=1, dropout=0.5, batch_size=128, lr=4e-4),
+    "captions": dict(num_layers=1, dropout=0.5, batch_size=64, lr=4e-4),
 }
 # Settings a checkpoint can only be resumed with unchanged (the vocabulary and backbone are checked separately):
 # the model's shape, the batches and their order, and the optimiser and schedule the checkpoint's state belongs to.
@@ -114,14 +131,13 @@ class TrainingDiverged(RuntimeError):
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """The config with the preset's values filled in and default paths set; TrainingError for bad values."""
+    cfg = _resolve_data(cfg)
     if cfg.data not in PRESETS:
         raise TrainingError(f"--data: unknown dataset {cfg.data!r}, expected one of {', '.join(PRESETS)}")
     if cfg.decoder not in DECODERS:
         raise TrainingError(f"--decoder: unknown decoder {cfg.decoder!r}, expected one of {', '.join(DECODERS)}")
     preset = PRESETS[cfg.data] | (ATTENTION_PRESETS[cfg.data] if cfg.decoder == "attention" else {})
     cfg = replace(cfg, **{name: value for name, value in preset.items() if getattr(cfg, name) is None})
-    if cfg.data_root is None:
-        cfg.data_root = str(dataset_paths(cfg.data)["root"])
     if cfg.out_dir is None:
         cfg.out_dir = default_out_dir(cfg)
     for name in ("image_size", "embed_size", "hidden_size", "num_layers", "epochs", "batch_size", "num_workers",
@@ -144,10 +160,38 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _resolve_data(cfg: TrainConfig) -> TrainConfig:
+    """`data` and `data_root` filled in: with --captions, `data` only names the preset (default 'captions') and
+    the root is the caption file's folder; --captions and --images come together."""
+    if (cfg.captions is None) != (cfg.images is None):
+        raise TrainingError("--captions FILE and --images DIR go together: the caption file and its image folder")
+    if cfg.captions is not None:
+        return replace(cfg, data=cfg.data or "captions", data_root=str(Path(cfg.captions).parent))
+    if cfg.data == "captions":
+        raise TrainingError("--data captions: give the caption file and its images with --captions FILE --images DIR")
+    cfg = replace(cfg, data=cfg.data or "sample")
+    if cfg.data_root is None and cfg.data in DATA_ROOTS:
+        cfg.data_root = str(default_root(cfg.data))
+    return cfg
+
+
+def notebook_config(data: str, data_root: str | None = None, **settings) -> TrainConfig:
+    """The resolved TrainConfig of a notebook's dataset (CAPTION_DATA): a dataset name, or the path of a caption
+    file or of a folder laid out like data/flickr8k (trained with the 'captions' preset)."""
+    if data in DATA_ROOTS:
+        return resolve_config(TrainConfig(data=data, data_root=data_root, **settings))
+    captions, images = locate_caption_file(data)
+    return resolve_config(TrainConfig(captions=str(captions), images=str(images), **settings))
+
+
 def default_out_dir(cfg: TrainConfig) -> str:
-    """models (COCO) or models/<data>, then /attention or -attention for the attention decoder, -blind for the
-    blind baseline: each kind of run gets its own folder, so none replaces another's weights."""
-    if cfg.data == "coco":
+    """models (COCO) or models/<data> (with --captions: models/<the caption file's folder name>), then /attention
+    or -attention for the attention decoder, -blind for the blind baseline: each kind of run gets its own folder,
+    so none replaces another's weights."""
+    if cfg.captions is not None:
+        folder = f"models/{Path(cfg.captions).resolve().parent.name}" + (
+            "-attention" if cfg.decoder == "attention" else "")
+    elif cfg.data == "coco":
         folder = "models/attention" if cfg.decoder == "attention" else "models"
     else:
         folder = f"models/{cfg.data}" + ("-attention" if cfg.decoder == "attention" else "")

@@ -7,9 +7,6 @@ proper epoch (each caption exactly once, reshuffled per epoch, split evenly acro
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
 import os
 from collections import defaultdict
@@ -18,23 +15,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from torch.utils import data
 
+from caption_sources import (
+    CaptionFileError,
+    CaptionSplits,
+    caption_splits,
+    load_coco,
+    read_captions,
+    references_from_coco,
+)
 from image_io import UnreadableImage, _SkipLog, load_image
 from sample_data import make_sample_dataset
 from vocabulary import Vocabulary, tokenize_annotations
 
-DATA_ROOTS = {"coco": "data/coco", "sample": "data/sample", "sample-spatial": "data/sample-spatial"}
+DATA_ROOTS = {"coco": "data/coco", "sample": "data/sample", "sample-spatial": "data/sample-spatial",
+              "flickr8k": "data/flickr8k", "flickr30k": "data/flickr30k"}
 SAMPLE_VARIANTS = {"sample": "plain", "sample-spatial": "spatial"}  # the generated sets (sample_data.py)
+# What a folder laid out around a caption file (data/flickr8k, data/flickr30k, or yours) may hold, in order of
+# preference: Karpathy's split file first (the split papers report), then the captions as shared.
+CAPTION_FILE_NAMES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "captions.txt", "Flickr8k.token.txt",
+                      "results_20130124.token", "results.csv")
+
+
+def default_root(data_name: str) -> Path:
+    """Where `prepare_data.py` lays out a dataset: data/<name> beside this file."""
+    if data_name not in DATA_ROOTS:
+        raise ValueError(f"unknown dataset {data_name!r}: expected one of {sorted(DATA_ROOTS)}")
+    return Path(__file__).resolve().parent / DATA_ROOTS[data_name]
 
 
 def dataset_paths(data_name: str = "coco", root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Image folders and annotation files of a dataset laid out by `prepare_data.py` ('coco', or a generated set:
-    'sample', 'sample-spatial')."""
+    """Image folders and annotation files of a dataset laid out by `prepare_data.py` ('coco', 'flickr8k',
+    'flickr30k', or a generated set: 'sample', 'sample-spatial'). A Flickr set's caption file is read into
+    COCO-format split files first (`caption_sources.caption_splits`)."""
+    root = Path(root) if root is not None else default_root(data_name)  # ValueError for an unknown name
     if data_name not in DATA_ROOTS:
         raise ValueError(f"unknown dataset {data_name!r}: expected one of {sorted(DATA_ROOTS)}")
-    root = Path(root if root is not None else Path(__file__).resolve().parent / DATA_ROOTS[data_name])
+    if data_name in ("flickr8k", "flickr30k"):
+        return caption_splits(*locate_caption_file(root, data_name)).paths
     if data_name == "coco":
         return {
             "root": root,
@@ -57,69 +76,55 @@ def dataset_paths(data_name: str = "coco", root: str | os.PathLike | None = None
     }
 
 
-def ready_dataset(data_name: str = "coco", root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """`dataset_paths` of a dataset that is there, as each notebook starts: the sample set is made when missing (from
-    seed 0, then reused); for COCO a FileNotFoundError says how to get its annotation files."""
-    paths = dataset_paths(data_name, root)
-    if data_name in SAMPLE_VARIANTS:
-        make_sample_dataset(paths["root"], seed=0, variant=SAMPLE_VARIANTS[data_name])
+def locate_caption_file(path: str | os.PathLike, data_name: str | None = None) -> tuple[Path, Path]:
+    """A caption file and its image folder: `path` is the file (its images beside it) or a folder laid out around
+    one (see CAPTION_FILE_NAMES and IMAGE_FOLDER_NAMES); CaptionFileError saying how to lay it out when neither."""
+    path = Path(path)
+    if path.is_file():
+        return path, _image_folder(path.parent)
+    found = [path / name for name in CAPTION_FILE_NAMES if (path / name).is_file()]
+    if not found:
+        how = f"`python prepare_data.py {data_name} --root {path} --from YOUR_COPY`" if data_name else (
+            "a caption file and an images/ folder")
+        raise CaptionFileError(f"{path}: no caption file ({', '.join(CAPTION_FILE_NAMES)}); lay it out with {how}")
+    return found[0], _image_folder(path)
+
+
+IMAGE_FOLDER_NAMES = ("images", "Images", "Flicker8k_Dataset", "flickr30k_images")  # ours, Kaggle's, the originals
+
+
+def _image_folder(root: Path) -> Path:
+    """The image folder of a caption file's folder: ROOT/images, or the first of the shared copies' names there."""
+    return next((root / name for name in IMAGE_FOLDER_NAMES if (root / name).is_dir()), root / "images")
+
+
+def caption_data(data: str, root: str | os.PathLike | None = None) -> CaptionSplits | None:
+    """The splits of a dataset made from a caption file: 'flickr8k' / 'flickr30k' (under `root`, default
+    data/<name>), or the path of a caption file or of a folder laid out like data/flickr8k; None for COCO and the
+    generated sets, whose split files are laid out already."""
+    if data in ("flickr8k", "flickr30k"):
+        return caption_splits(*locate_caption_file(root if root is not None else default_root(data), data))
+    if data in DATA_ROOTS:
+        return None
+    return caption_splits(*locate_caption_file(data))
+
+
+def ready_dataset(data: str = "coco", root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """`dataset_paths` of a dataset that is there, as each notebook starts (`data` as in `caption_data`, or 'coco',
+    'sample', 'sample-spatial'). The sample set is made when missing (from seed 0, then reused); for COCO a
+    FileNotFoundError says how to get its annotation files; a caption file's split is printed."""
+    if (splits := caption_data(data, root)) is not None:
+        print(splits.summary)
+        return splits.paths
+    paths = dataset_paths(data, root)
+    if data in SAMPLE_VARIANTS:
+        make_sample_dataset(paths["root"], seed=0, variant=SAMPLE_VARIANTS[data])
         return paths
     for name in ("train_annotations", "val_annotations"):
         if not paths[name].exists():
             raise FileNotFoundError(f"{paths[name]}: missing; run `python prepare_data.py coco --root {paths['root']}`"
                                     " or start Jupyter with CAPTION_DATA=sample")
     return paths
-
-
-def load_coco(annotations_file: str | os.PathLike) -> COCO:
-    """pycocotools' COCO index of a file, with a one-line error naming the file when it is missing, not COCO-format
-    or inconsistent (see `_check_coco`)."""
-    try:
-        with open(annotations_file, "rb") as f:
-            dataset = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{annotations_file}: annotation file not found") from None
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{annotations_file}: not a COCO-format annotation file ({type(e).__name__}: {e})") from None
-    _check_coco(dataset, annotations_file)
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco.createIndex()
-    return coco
-
-
-def _check_coco(dataset, annotations_file: str | os.PathLike) -> None:
-    """ValueError naming the file unless every image has an int `id` and a str `file_name`, and every annotation (if
-    any: test image lists have none) an int `id` and an `image_id` listed in 'images', and in caption files a str
-    `caption`. The readers index by these, so a bad entry would otherwise fail far from the file, or not at all."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{annotations_file}: {what}")
-
-    if not isinstance(dataset, dict):
-        raise bad("not a COCO-format annotation file (not a JSON object)")
-    images = dataset.get("images")
-    if not isinstance(images, list):
-        raise bad("not a COCO-format annotation file (no 'images' list)")
-    image_ids = set()
-    for image in images:
-        if not isinstance(image, dict) or type(image.get("id")) is not int or not isinstance(image.get("file_name"), str):
-            raise bad(f"image {str(image)[:80]} needs an int 'id' and a str 'file_name'")
-        image_ids.add(image["id"])
-    if "annotations" not in dataset:
-        return
-    annotations = dataset["annotations"]
-    if not isinstance(annotations, list) or not all(isinstance(ann, dict) for ann in annotations):
-        raise bad("not a COCO-format annotation file ('annotations' is not a list of objects)")
-    captions = any("caption" in ann for ann in annotations)
-    for ann in annotations:
-        if type(ann.get("id")) is not int:
-            raise bad(f"annotation {str(ann)[:80]} needs an int 'id'")
-        image_id = ann.get("image_id")
-        if type(image_id) is not int or image_id not in image_ids:
-            raise bad(f"annotation {ann['id']} refers to image {image_id!r}, which is not in 'images'")
-        if captions and not isinstance(ann.get("caption"), str):
-            raise bad(f"annotation {ann['id']} has no caption text (a str 'caption')")
 
 
 class CoCoDataset(data.Dataset):
@@ -294,6 +299,63 @@ def coco_image_files(annotations_file: str | os.PathLike, img_folder: str | os.P
     coco = load_coco(annotations_file)
     images = sorted(coco.dataset["images"], key=lambda img: img["id"])
     return [img["id"] for img in images], [Path(img_folder) / img["file_name"] for img in images]
+
+
+EVAL_SPLITS = ("val", "test", "karpathy-val", "karpathy-test")
+
+
+def split_files(
+    split: str = "val", data: str = "coco", root: str | os.PathLike | None = None,
+    captions: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+) -> tuple[list[int], list[Path], dict[int, list[str]]]:
+    """Image ids, image files and references of an evaluation split of any dataset (`data` as in `caption_data`,
+    or a caption file and its image folder).
+
+    'val' / 'test' are the dataset's own (COCO's and the sample sets' test images have no captions).
+    'karpathy-val' / 'karpathy-test' are Karpathy's: for COCO the 5000-image splits of val2014 in dataset_coco.json
+    that published COCO numbers use; for a caption file, its val / test when it is a Karpathy dataset_*.json.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+    splits = caption_splits(captions, images) if captions is not None else caption_data(data, root)
+    if splits is not None:
+        if split.startswith("karpathy-") and not splits.karpathy:
+            raise CaptionFileError(f"{splits.source.path}: has no Karpathy split (it is split "
+                                   f"{splits.source.split_rule}); use --split val or test")
+        name = split.removeprefix("karpathy-")
+        return coco_split(splits.paths[f"{name}_annotations"], splits.paths[f"{name}_images"])
+    if split == "test":
+        raise ValueError(f"--split test: the {data} test images have no reference captions; use val"
+                         + (" or karpathy-test" if data == "coco" else ""))
+    paths = dataset_paths(data, root)
+    if split == "val":
+        return coco_split(paths["val_annotations"], paths["val_images"])
+    if data != "coco":
+        raise ValueError(f"the Karpathy split exists for COCO and Karpathy's dataset_*.json, not for {data!r}")
+    return _karpathy_coco_split(paths, split.removeprefix("karpathy-"))
+
+
+def coco_split(annotations_file: Path, img_folder: Path) -> tuple[list[int], list[Path], dict[int, list[str]]]:
+    """Image ids (in the file's order), files and references of every captioned image of a COCO captions file."""
+    references = references_from_coco(annotations_file)
+    files = dict(zip(*coco_image_files(annotations_file, img_folder), strict=True))
+    return list(references), [files[i] for i in references], references
+
+
+def _karpathy_coco_split(paths: dict[str, Path], split: str) -> tuple[list[int], list[Path], dict[int, list[str]]]:
+    """Karpathy's val or test images of COCO, scored against the official val2014 captions."""
+    references = references_from_coco(paths["val_annotations"])
+    source = read_captions(paths["karpathy_split"])
+    if source.format != "karpathy":
+        raise CaptionFileError(f"{paths['karpathy_split']}: expected Karpathy's dataset_coco.json, it is {source.format}")
+    records = [image for image in source.images if image.split == split]
+    ids = [image.image_id for image in records]
+    missing = [i for i in ids if i not in references]
+    if missing:
+        raise CaptionFileError(
+            f"{paths['karpathy_split']}: {len(missing)} karpathy-{split} images are not in {paths['val_annotations']}")
+    files = [paths["root"] / "images" / image.file_name for image in records]
+    return ids, files, {i: references[i] for i in ids}
 
 
 def get_loader(

@@ -2,9 +2,11 @@
 
     python evaluate.py --results results.json --annotations captions_val2014.json [--json] [--show-examples 5]
     python evaluate.py --models models [--baseline DIR] [--split karpathy-test]
+    python evaluate.py --models models/flickr8k --data flickr8k --split karpathy-test
+    python evaluate.py --models models/mine --captions captions.txt --images Images --split test
 
-Scores a COCO results file against a COCO captions file, or captions an evaluation split (the dataset's val,
-or Karpathy's val/test of val2014) with a trained model (and a baseline) and scores that; prints a table or
+Scores a COCO results file against a COCO captions file, or captions an evaluation split (the dataset's val or
+test, or Karpathy's val/test) with a trained model (and a baseline) and scores that; prints a table or
 JSON, the best and worst images by CIDEr and example captions. The files are read and checked here; the
 scoring is metrics.py's `score_captions`: the numbers coco-caption's `COCOEvalCap.evaluate()` prints, minus
 SPICE, with METEOR left out and a pure-Python PTB tokenizer when there is no `java`.
@@ -20,120 +22,34 @@ import sys
 from pathlib import Path
 
 from caption import caption_image_files, check_writable, write_results
+from caption_sources import (
+    CaptionFileError,
+    caption_splits,
+    is_caption_record,
+    read_json,
+    references_from_coco,
+)
 from config import add_captioning_options, non_negative_int
-from data_loader import DATA_ROOTS, coco_image_files, dataset_paths
+from data_loader import DATA_ROOTS, EVAL_SPLITS, caption_data, split_files
 from metrics import METRICS, check_results, metrics_only, score_captions
 from model import DecoderRNN, EncoderCNN, WeightsFileError, load_pretrained
 from vocabulary import Vocabulary, VocabularyError
 
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
-
-
-class InputFileError(ValueError):
-    """A results, annotations or split file that cannot be used; the message names the file."""
-
-
-# ---- Files: results, COCO references, Karpathy split ----
-
-
-def _read_json(path: str | Path) -> object:
-    """Parsed JSON of a file, or InputFileError with a one-line reason."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{path}: is a directory, expected a JSON file") from None
-    except UnicodeDecodeError:
-        raise InputFileError(f"{path}: not UTF-8 text, expected a JSON file") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(
-            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from None
-
-
-def _is_caption_record(item: object) -> bool:
-    """True for {"image_id": int, "caption": str, ...} (bools are not image ids)."""
-    return (
-        isinstance(item, dict)
-        and isinstance(item.get("image_id"), int)
-        and not isinstance(item.get("image_id"), bool)
-        and isinstance(item.get("caption"), str)
-    )
-
 
 def load_results(path: str | Path) -> list[dict]:
     """Captions in COCO results format `[{"image_id": int, "caption": str}, ...]`, checked for shape."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
-        raise InputFileError(
+        raise CaptionFileError(
             f'{path}: expected a JSON list of {{"image_id": int, "caption": str}}, '
             f"got a {type(data).__name__}"
         )
     for index, item in enumerate(data):
-        if not _is_caption_record(item):
-            raise InputFileError(
+        if not is_caption_record(item):
+            raise CaptionFileError(
                 f'{path}: item {index} is not {{"image_id": int, "caption": str}}: {item!r:.80}'
             )
     return [{"image_id": item["image_id"], "caption": item["caption"]} for item in data]
-
-
-def references_from_coco(path: str | Path) -> dict[int, list[str]]:
-    """Reference captions per image id from a COCO captions file, in the file's image and annotation order.
-
-    Plain JSON rather than pycocotools' COCO, which prints progress to stdout (and so would spoil `--json`);
-    the order is the one of COCO's `imgToAnns` and `loadRes().getImgIds()`, so float sums match coco-caption.
-    """
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise InputFileError(
-            f"{path}: expected a COCO captions file (a JSON object with an 'annotations' list)"
-        )
-    by_image: dict[int, list[str]] = {}
-    for index, annotation in enumerate(data["annotations"]):
-        if not _is_caption_record(annotation):
-            raise InputFileError(
-                f'{path}: annotation {index} is not {{"image_id": int, "caption": str, ...}}'
-            )
-        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    images = data.get("images") if isinstance(data.get("images"), list) else []
-    ordered = {
-        image["id"]: by_image[image["id"]]
-        for image in images
-        if isinstance(image, dict) and image.get("id") in by_image
-    }
-    for image_id, captions in by_image.items():
-        ordered.setdefault(image_id, captions)
-    return ordered
-
-
-def load_karpathy_split(path: str | Path) -> dict[str, list[dict]]:
-    """Records {cocoid, filepath, filename} of each split (train, restval, val, test) of dataset_coco.json."""
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise InputFileError(
-            f"{path}: expected Karpathy's dataset_coco.json (a JSON object with an 'images' list)"
-        )
-    splits: dict[str, list[dict]] = {name: [] for name in KARPATHY_SPLITS}
-    for index, image in enumerate(data["images"]):
-        try:
-            record = {
-                "cocoid": int(image["cocoid"]),
-                "filepath": image["filepath"],
-                "filename": image["filename"],
-            }
-            split = image["split"]
-        except (KeyError, TypeError, ValueError):
-            raise InputFileError(
-                f"{path}: image {index} lacks one of cocoid, filepath, filename, split"
-            ) from None
-        if split not in splits:
-            raise InputFileError(
-                f"{path}: image {index} has split {split!r}, expected one of {KARPATHY_SPLITS}"
-            )
-        splits[split].append(record)
-    return splits
 
 
 # ---- Results and scores: one caption per image, tables, best and worst ----
@@ -189,38 +105,6 @@ def format_examples(examples: dict[str, list[dict]]) -> str:
 
 # ---- Captioning a split with a model ----
 
-EVAL_SPLITS = ("val", "karpathy-val", "karpathy-test")
-
-
-def split_files(
-    split: str = "val", data: str = "coco", root: str | Path | None = None
-) -> tuple[list[int], list[Path], dict[int, list[str]]]:
-    """Image ids, image files and references of an evaluation split.
-
-    'val' is the dataset's own val split (COCO val2014: 40,504 images); 'karpathy-val' / 'karpathy-test' are the
-    5000-image splits of val2014 in `dataset_coco.json` that published COCO numbers use.
-    """
-    if split not in EVAL_SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
-    paths = dataset_paths(data, root)
-    references = references_from_coco(paths["val_annotations"])
-    if split == "val":
-        ids = list(references)
-        files = dict(zip(*coco_image_files(paths["val_annotations"], paths["val_images"]), strict=True))
-        return ids, [files[i] for i in ids], references
-    if data != "coco":
-        raise ValueError(f"the Karpathy split exists for COCO only, not for {data!r}")
-    records = load_karpathy_split(paths["karpathy_split"])[split.removeprefix("karpathy-")]
-    ids = [r["cocoid"] for r in records]
-    missing = [i for i in ids if i not in references]
-    if missing:
-        raise InputFileError(
-            f"{paths['karpathy_split']}: {len(missing)} {split} images are not in {paths['val_annotations']}"
-        )
-    files = [paths["root"] / "images" / r["filepath"] / r["filename"] for r in records]
-    return ids, files, {i: references[i] for i in ids}
-
-
 def evaluate_model(
     encoder: EncoderCNN,
     decoder: DecoderRNN,
@@ -234,13 +118,16 @@ def evaluate_model(
     use_java: bool | None = None,
     per_image: bool = False,
     num_workers: int = 0,
+    captions: str | Path | None = None,
+    images: str | Path | None = None,
 ) -> dict:
-    """Caption every image of a split once (batched) and score it.
+    """Caption every image of a split (of `data`, or of a caption file and its image folder) once, batched, and
+    score it.
 
     Returns {'scores': metrics (+ 'per_image' when asked), 'results': COCO results list, 'references': by image
     id, 'unreadable': number of image files that could not be read and were left out}.
     """
-    image_ids, files, references = split_files(split, data, root)
+    image_ids, files, references = split_files(split, data, root, captions, images)
     captions = caption_image_files(
         encoder, decoder, vocab, files, beam_size=beam, batch_size=batch_size, max_len=max_len,
         num_workers=num_workers,
@@ -266,7 +153,7 @@ def latest_weights(folder: str | Path) -> tuple[Path, Path, Path]:
         int(m.group(1)) for p in folder.glob("encoder-*.pkl") if (m := re.fullmatch(r"encoder-(\d+)\.pkl", p.name))
     )
     if not epochs:
-        raise InputFileError(f"{folder}: no encoder-N.pkl files (train first: python train.py --out-dir {folder})")
+        raise CaptionFileError(f"{folder}: no encoder-N.pkl files (train first: python train.py --out-dir {folder})")
     n = epochs[-1]
     return folder / f"encoder-{n}.pkl", folder / f"decoder-{n}.pkl", folder / "vocab.pkl"
 
@@ -321,9 +208,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="use the latest encoder-N/decoder-N.pkl and vocab.pkl in DIR (instead of --encoder/--decoder/--vocab)",
     )
     model.add_argument("--baseline", metavar="DIR", help="also evaluate the latest model in DIR and compare")
-    model.add_argument("--data", choices=sorted(DATA_ROOTS), default=os.environ.get("CAPTION_DATA", "coco"))
-    model.add_argument("--root", help="dataset root (default data/DATA: data/coco, data/sample, ...)")
-    model.add_argument("--split", choices=EVAL_SPLITS, default="val")
+    model.add_argument("--data", choices=sorted(DATA_ROOTS), default=os.environ.get("CAPTION_DATA", "coco"),
+                       help="dataset (default: $CAPTION_DATA, else coco)")
+    model.add_argument("--root", help="dataset root (default data/DATA: data/coco, data/sample, data/flickr8k, ...)")
+    model.add_argument("--captions", metavar="FILE", help="evaluate on any caption file instead of --data (COCO "
+                       "JSON, Karpathy dataset_*.json, captions.txt, Flickr8k.token.txt); with --images DIR")
+    model.add_argument("--images", metavar="DIR", help="the image folder of --captions")
+    model.add_argument("--split", choices=EVAL_SPLITS, default="val", help=(
+        "val or test of the dataset; karpathy-val / karpathy-test: Karpathy's (COCO, or a dataset_*.json)"))
     add_captioning_options(model)
     model.add_argument("--save-results", metavar="PATH", help="write the model's captions as COCO results JSON")
     model.add_argument(
@@ -403,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_scored_files(args: argparse.Namespace) -> tuple[list[dict], dict[int, list[str]]]:
     """The --results captions (first per image with --first-caption-per-image) and the --annotations references,
-    checked against each other; ValueError (InputFileError) names the file that is wrong."""
+    checked against each other; ValueError (CaptionFileError) names the file that is wrong."""
     references = references_from_coco(args.annotations)
     results = load_results(args.results)
     if args.first_caption_per_image:
@@ -444,7 +336,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
 def _model_weights(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """The model's encoder, decoder and vocab files: from --models DIR, or --encoder, --decoder and --vocab."""
     if args.models and (args.encoder or args.decoder or args.vocab):
-        raise InputFileError(
+        raise CaptionFileError(
             "--models DIR takes the weights and vocab.pkl from DIR: give either it or --encoder, --decoder "
             "and --vocab"
         )
@@ -452,7 +344,7 @@ def _model_weights(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         return latest_weights(args.models)
     if args.encoder and args.decoder and args.vocab:
         return (Path(args.encoder), Path(args.decoder), Path(args.vocab))
-    raise InputFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
+    raise CaptionFileError("give --results and --annotations, or --encoder, --decoder and --vocab, or --models DIR")
 
 
 def _evaluate_models(args: argparse.Namespace) -> dict[str, dict]:
@@ -463,6 +355,11 @@ def _evaluate_models(args: argparse.Namespace) -> dict[str, dict]:
     runs = {"model": weights}
     if args.baseline:
         runs["baseline"] = latest_weights(args.baseline)
+    if (args.captions is None) != (args.images is None):
+        raise CaptionFileError("--captions FILE and --images DIR go together: the caption file and its image folder")
+    splits = caption_splits(args.captions, args.images) if args.captions else caption_data(args.data, args.root)
+    if splits is not None:
+        print(splits.summary, file=sys.stderr)
     evaluations = {}
     for name, (encoder_path, decoder_path, vocab_path) in runs.items():
         encoder, decoder, vocab = load_pretrained(encoder_path, decoder_path, vocab_path, device=args.device)
@@ -470,7 +367,7 @@ def _evaluate_models(args: argparse.Namespace) -> dict[str, dict]:
         evaluations[name] = evaluate_model(
             encoder, decoder, vocab, args.split, beam=args.beam, data=args.data, root=args.root,
             batch_size=args.batch_size, max_len=args.max_len, use_java=_use_java(args),
-            per_image=args.show_examples > 0, num_workers=args.num_workers,
+            per_image=args.show_examples > 0, num_workers=args.num_workers, captions=args.captions, images=args.images,
         )
     return evaluations
 

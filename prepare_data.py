@@ -1,14 +1,23 @@
-"""Download, verify and unpack MS COCO 2014 and the Karpathy split; or make the small sample set.
+"""Download, verify and unpack MS COCO 2014 and the Karpathy split; lay out Flickr8k / Flickr30k; or make the
+small sample set.
 
     python prepare_data.py coco --root data/coco                      # everything (about 27 GB of zips)
     python prepare_data.py coco --root data/coco --only annotations   # captions + Karpathy split only
     python prepare_data.py coco --root data/coco --check              # is the tree complete? (exit 0 / 2)
+    python prepare_data.py flickr8k --root data/flickr8k --from ~/Downloads/archive.zip   # Kaggle's copy
+    python prepare_data.py flickr8k --from Flickr8k_Dataset.zip --from Flickr8k_text.zip  # the original two
+    python prepare_data.py flickr30k --root data/flickr30k --from flickr30k_images/       # a folder works too
     python prepare_data.py sample --root data/sample --seed 0
     python prepare_data.py sample --root data/sample-spatial --spatial   # captions say where objects are
 
 Downloads resume (HTTP Range, a `.part` file), are checked against the sizes and md5 sums below and
 retried with exponential backoff; a re-run skips every archive that is already unpacked.
 `--base-url` (or the env var COCO_BASE_URL) points every download at a mirror: BASE_URL/<file name>.
+
+Flickr images have no stable public download (the original form and its links are gone, copies live on Kaggle and
+the like behind logins), so `flickr8k` / `flickr30k` lay out a copy you already have: ROOT/images/*.jpg, the
+caption file(s) beside them, and Karpathy's dataset_flickr8k.json / dataset_flickr30k.json (from the
+caption_datasets.zip the coco command also fetches; taken from data/coco/annotations when it is there).
 """
 
 import argparse
@@ -62,7 +71,8 @@ ARCHIVES: tuple[Archive, ...] = (
             "annotations", ".", "annotations/image_info_test2014.json", GB // 100),
     Archive("caption_datasets.zip", KARPATHY,
             None, None,
-            "annotations", "annotations", "annotations/dataset_coco.json", GB // 5, ("dataset_coco.json",)),
+            "annotations", "annotations", "annotations/dataset_coco.json", GB // 5,
+            ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")),
     Archive("val2014.zip", f"{COCO}/zips/val2014.zip",
             6_645_013_297, "a3d79f5ed8d289b7a7554ce06a5782b3",
             "images", "images", "images/val2014", 7 * GB),
@@ -404,6 +414,162 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- Flickr8k / Flickr30k: lay out a copy the user has ----
+
+FLICKR_IMAGES = {"flickr8k": 8_091, "flickr30k": 31_783}  # images in a complete copy; tests replace these
+FLICKR_KARPATHY = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json"}
+FLICKR_TEXT_FILES = frozenset({
+    "captions.txt", "Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt",
+    "Flickr_8k.testImages.txt", "results_20130124.token", "results.csv", *FLICKR_KARPATHY.values(),
+})
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Found:
+    """A file of a user's copy: in a zip (`member` set) or on disk (`member` None), and the name it is laid out as."""
+
+    container: Path
+    member: str | None
+    name: str
+
+    @property
+    def is_image(self) -> bool:
+        return self.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _wanted(path: PurePosixPath) -> bool:
+    """An image or one of the caption files, and not macOS's zip litter (__MACOSX/, ._name)."""
+    if "__MACOSX" in path.parts or path.name.startswith("._"):
+        return False
+    return path.name.lower().endswith(IMAGE_SUFFIXES) or path.name in FLICKR_TEXT_FILES
+
+
+def inventory(source: Path) -> list[Found]:
+    """The images and caption files in a zip, a folder (searched recursively) or a single caption file."""
+    if source.is_dir():
+        return [Found(path, None, path.name) for path in sorted(source.rglob("*"))
+                if path.is_file() and _wanted(PurePosixPath(path.relative_to(source).as_posix()))]
+    if not source.is_file():
+        raise PrepareError(f"{source}: no such file or folder")
+    if not zipfile.is_zipfile(source):
+        if source.name in FLICKR_TEXT_FILES:
+            return [Found(source, None, source.name)]
+        raise PrepareError(f"{source}: neither a zip file, a folder, nor a caption file ({', '.join(sorted(FLICKR_TEXT_FILES))})")
+    try:
+        with zipfile.ZipFile(source) as zf:
+            return [Found(source, info.filename, PurePosixPath(info.filename).name) for info in zf.infolist()
+                    if not info.is_dir() and _wanted(PurePosixPath(info.filename))]
+    except (zipfile.BadZipFile, zlib.error) as err:
+        raise PrepareError(f"{source}: not a valid zip file ({err})") from None
+
+
+def _place(found: Found, target: Path) -> None:
+    """Copy one file into the layout (atomically); a file on the same disk is hard-linked instead."""
+    if found.member is None:
+        try:
+            target.unlink(missing_ok=True)
+            os.link(found.container, target)
+            return
+        except OSError:
+            pass
+        with open(found.container, "rb") as src, atomic_write(target, fsync=False) as out:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+        return
+    with zipfile.ZipFile(found.container) as zf, zf.open(found.member) as src, atomic_write(target, fsync=False) as out:
+        shutil.copyfileobj(src, out, CHUNK_BYTES)
+
+
+def _size(found: Found) -> int:
+    if found.member is None:
+        return found.container.stat().st_size
+    with zipfile.ZipFile(found.container) as zf:
+        return zf.getinfo(found.member).file_size
+
+
+def lay_out_flickr(root: Path, sources: list[Path]) -> tuple[int, int]:
+    """Images of `sources` into ROOT/images, caption files into ROOT; a file already there at its size is kept.
+    Returns (images, caption files) laid out."""
+    files: dict[str, Found] = {}
+    for source in sources:
+        for found in inventory(Path(source)):
+            files.setdefault(found.name, found)  # the first copy of a name wins
+    images = [f for f in files.values() if f.is_image]
+    texts = [f for f in files.values() if not f.is_image]
+    if not images:
+        raise PrepareError(f"{', '.join(map(str, sources))}: no .jpg images found")
+    if not texts:
+        raise PrepareError(f"{', '.join(map(str, sources))}: no caption file found "
+                           f"(expected one of {', '.join(sorted(FLICKR_TEXT_FILES))})")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for found in tqdm([*texts, *images], desc=f"lay out {root}", unit="file", disable=len(images) < 1000):
+        target = root / "images" / found.name if found.is_image else root / found.name
+        if not (target.is_file() and target.stat().st_size == _size(found)):
+            _place(found, target)
+    if hasattr(os, "sync"):
+        os.sync()
+    return len(images), len(texts)
+
+
+def fetch_karpathy_split(name: str, root: Path, karpathy: Path | None = None, base_url: str | None = None,
+                         retries: int = 5, backoff: float = 2.0) -> Path:
+    """ROOT/dataset_<name>.json: from `karpathy` (the JSON or caption_datasets.zip), else the copy the coco command
+    left in data/coco/annotations, else downloaded (caption_datasets.zip, only that member unpacked)."""
+    wanted = FLICKR_KARPATHY[name]
+    target = root / wanted
+    if target.is_file() and karpathy is None:
+        return target
+    coco_copy = Path(__file__).resolve().parent / "data/coco/annotations" / wanted
+    if karpathy is None and coco_copy.is_file():
+        karpathy = coco_copy
+    if karpathy is None:
+        url = f"{base_url.rstrip('/')}/caption_datasets.zip" if base_url else KARPATHY
+        karpathy = download(url, root / "downloads" / "caption_datasets.zip", retries=retries, backoff=backoff)
+    if zipfile.is_zipfile(karpathy):
+        if extract_zip(Path(karpathy), root, (wanted,)) != 1:
+            raise PrepareError(f"{karpathy}: has no {wanted}")
+        return target
+    with open(karpathy, "rb") as src, atomic_write(target) as out:
+        shutil.copyfileobj(src, out, CHUNK_BYTES)
+    return target
+
+
+def prepare_flickr(name: str, root: str | Path, sources: list[Path], karpathy: Path | None = None,
+                   base_url: str | None = None, retries: int = 5, backoff: float = 2.0) -> None:
+    """Lay out a Flickr8k / Flickr30k copy under root, add Karpathy's split, check the image count, and read the
+    captions once (so a malformed file fails here, naming its line)."""
+    from data_loader import caption_data
+
+    root = Path(root)
+    images, texts = lay_out_flickr(root, sources)
+    print(f"{root}: laid out {images:,} images and {texts} caption file{'s' if texts > 1 else ''}")
+    try:
+        split_file = fetch_karpathy_split(name, root, karpathy, base_url or os.environ.get("COCO_BASE_URL"),
+                                          retries, backoff)
+        print(f"{split_file}: Karpathy's split")
+    except (PrepareError, OSError) as err:
+        print(f"warning: no Karpathy split ({err}); the split is then the Flickr8k lists beside the captions, or "
+              "a deterministic one by image; --karpathy FILE adds it later", file=sys.stderr)
+    count = sum(1 for path in (root / "images").iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
+    if count != FLICKR_IMAGES[name]:
+        print(f"warning: {root / 'images'} has {count:,} images, a complete {name} has {FLICKR_IMAGES[name]:,}",
+              file=sys.stderr)
+    try:
+        print(caption_data(name, root).summary)
+    except ValueError as err:
+        raise PrepareError(str(err)) from None
+
+
+def run_flickr(args: argparse.Namespace) -> int:
+    """The `flickr8k` / `flickr30k` subcommands."""
+    root = args.root or Path(f"data/{args.command}")
+    if not args.sources and not (root / "images").is_dir():
+        raise PrepareError(f"{root}: no images yet; give your copy with --from ARCHIVE_OR_FOLDER (Flickr images "
+                           "have no stable public download)")
+    prepare_flickr(args.command, root, args.sources, args.karpathy, args.base_url, args.retries, args.backoff)
+    return 0
+
+
 def _non_negative_int(text: str) -> int:
     """argparse type: a whole number >= 0 (a bad one exits with code 2 and a one-line message)."""
     try:
@@ -427,7 +593,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: subcommands `coco` and `sample`."""
+    """The command line: subcommands `coco`, `sample`, `flickr8k` and `flickr30k`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     coco = commands.add_parser("coco", help="download, unpack or check COCO 2014 and the Karpathy split")
@@ -440,9 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also link ROOT/cocoapi/{images,annotations} for get_loader(cocoapi_loc=ROOT)")
     coco.add_argument("--check", action="store_true", help="only verify the tree: exit 0 if complete, else 2")
     coco.add_argument("--keep-archives", action="store_true", help="keep the zips after unpacking them")
-    coco.add_argument("--retries", type=_non_negative_int, default=5, help="retries per download (default: 5)")
-    coco.add_argument("--backoff", type=_non_negative_float, default=2.0,
-                      help="first retry delay in seconds, doubled each retry (default: 2)")
+    _add_retry_options(coco)
     coco.set_defaults(run=run_coco)
     sample = commands.add_parser("sample", help="write the small generated sample dataset")
     sample.add_argument("--root", type=Path,
@@ -452,7 +616,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the spatial variant: 128 px, captions say left / right / above / below / corner "
                              "(never train it with mirrored views)")
     sample.set_defaults(run=run_sample)
+    for name in FLICKR_IMAGES:
+        _add_flickr_command(commands, name)
     return parser
+
+
+def _add_retry_options(parser: argparse.ArgumentParser) -> None:
+    """--retries and --backoff of the downloads."""
+    parser.add_argument("--retries", type=_non_negative_int, default=5, help="retries per download (default: 5)")
+    parser.add_argument("--backoff", type=_non_negative_float, default=2.0,
+                        help="first retry delay in seconds, doubled each retry (default: 2)")
+
+
+def _add_flickr_command(commands: argparse._SubParsersAction, name: str) -> None:
+    """The `flickr8k` / `flickr30k` subcommand: lay out a copy the user has (there is no stable download)."""
+    flickr = commands.add_parser(name, help=f"lay out a {name} copy you have (zip or folder) and Karpathy's split")
+    flickr.add_argument("--root", type=Path, help=f"data folder (default: data/{name})")
+    flickr.add_argument("--from", dest="sources", type=Path, action="append", default=[], metavar="ARCHIVE_OR_FOLDER",
+                        help="a zip, folder or caption file of your copy; repeat for several (e.g. the original "
+                             "Flickr8k_Dataset.zip and Flickr8k_text.zip)")
+    flickr.add_argument("--karpathy", type=Path, help=f"{FLICKR_KARPATHY[name]} or caption_datasets.zip you have "
+                        "(default: data/coco/annotations, else downloaded)")
+    flickr.add_argument("--base-url", help="mirror of caption_datasets.zip, as BASE_URL/caption_datasets.zip")
+    _add_retry_options(flickr)
+    flickr.set_defaults(run=run_flickr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (PrepareError, OSError) as err:
+    except (PrepareError, OSError, ValueError) as err:  # ValueError: a malformed caption file (CaptionFileError)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

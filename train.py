@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from caption_sources import CaptionFileError, caption_splits
 from checkpoints import (
     check_resumable,
     check_steps_per_epoch,
@@ -49,6 +50,7 @@ from checkpoints import (
     weights_digest,
 )
 from config import (
+    CAPTION_FILE_DATA,
     TrainConfig,
     TrainingDiverged,
     TrainingError,
@@ -56,7 +58,7 @@ from config import (
     positional_captions,
     resolve_config,
 )
-from data_loader import SAMPLE_VARIANTS, BucketBatchSampler, dataset_paths, get_loader
+from data_loader import SAMPLE_VARIANTS, BucketBatchSampler, dataset_paths, get_loader, locate_caption_file
 from datasets import CaptionTable, Split, build_vocabulary, caption_table, read_split
 from features import (
     FeatureCache,
@@ -247,7 +249,17 @@ def setup(cfg: TrainConfig, runtime: Runtime) -> Run:
 
 
 def prepare_dataset(cfg: TrainConfig, runtime: Runtime) -> dict[str, Path]:
-    """The dataset's file paths; a generated set is made first when it is missing, COCO must be there."""
+    """The dataset's file paths: a caption file's splits are made from it (and said how), a generated set is made
+    first when it is missing, COCO must be there."""
+    if cfg.captions is not None or cfg.data in CAPTION_FILE_DATA:
+        try:
+            files = (cfg.captions, cfg.images) if cfg.captions is not None else locate_caption_file(cfg.data_root, cfg.data)
+            splits = caption_splits(*files)
+        except CaptionFileError as e:
+            raise TrainingError(str(e)) from None
+        if runtime.is_main:
+            print(splits.summary, flush=True)
+        return splits.paths
     paths = dataset_paths(cfg.data, cfg.data_root)
     if cfg.data in SAMPLE_VARIANTS and not paths["train_annotations"].exists():
         if runtime.is_main:
@@ -399,7 +411,7 @@ def print_plan(run: Run) -> None:
     source = "images" if data.loader is not None else "zero features (blind)" if cfg.blind else "cached features"
     cache = data.train_cache
     skipped = f", {cache.skipped} unreadable images skipped" if cache and cache.skipped else ""
-    print(f"training on {len(data.train_table.rows)} captions of {cfg.data} ({source}, {cfg.image_size}px{skipped}), "
+    print(f"training on {len(data.train_table.rows)} captions of {cfg.captions or cfg.data} ({source}, {cfg.image_size}px{skipped}), "
           f"{len(data.vocab)} words, {run.steps_per_epoch} steps/epoch, {runtime.world_size} process(es) on "
           f"{runtime.device} -> {run.out}", flush=True)
 

@@ -481,7 +481,7 @@ def test_transforms_are_the_seeds_resize_crop_flip_and_imagenet_normalisation():
 def test_dataset_paths_refuse_an_unknown_dataset_name(tmp_path):
     for root in (None, tmp_path):  # with a root given, it must not fall back to the sample layout either
         with pytest.raises(
-            ValueError, match=r"unknown dataset 'imagenet': expected one of \['coco', 'sample', 'sample-spatial'\]"
+            ValueError, match=r"unknown dataset 'imagenet': expected one of \['coco', 'flickr30k', 'flickr8k', 'sample', 'sample-spatial'\]"
         ):
             dataset_paths("imagenet", root)
 

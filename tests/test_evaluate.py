@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 import evaluate
 import metrics
 from caption import write_results
+from caption_sources import read_captions
 
 REPO = Path(__file__).resolve().parents[1]
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="needs java on PATH")
@@ -527,8 +528,8 @@ def write_karpathy(path: Path) -> Path:
                 "imgid": n,
                 "sentids": [2 * n, 2 * n + 1],
                 "sentences": [
-                    {"raw": f"A photo number {n}.", "tokens": ["a", "photo", "number", str(n)]},
-                    {"raw": f"Picture {n}, again.", "tokens": ["picture", str(n), "again"]},
+                    {"raw": f"A photo number {n}.", "tokens": ["a", "photo", "number", str(n)], "sentid": 2 * n},
+                    {"raw": f"Picture {n}, again.", "tokens": ["picture", str(n), "again"], "sentid": 2 * n + 1},
                 ],
             }
         )
@@ -536,39 +537,33 @@ def write_karpathy(path: Path) -> Path:
     return path
 
 
-def test_load_karpathy_split(tmp_path):
-    splits = evaluate.load_karpathy_split(write_karpathy(tmp_path / "dataset_coco.json"))
-    assert list(splits) == ["train", "restval", "val", "test"]
-    assert [r["cocoid"] for r in splits["test"]] == [3, 7]
-    assert splits["train"][0] == {
-        "cocoid": 0,
-        "filepath": "train2014",
-        "filename": "COCO_train2014_000000000000.jpg",
-    }
-    assert splits["val"][1] == {
-        "cocoid": 6,
-        "filepath": "val2014",
-        "filename": "COCO_val2014_000000000006.jpg",
-    }
+def test_karpathy_split_of_dataset_coco(tmp_path):
+    source = read_captions(write_karpathy(tmp_path / "dataset_coco.json"))
+    assert source.format == "karpathy"
+    test = [image for image in source.images if image.split == "test"]
+    assert [image.image_id for image in test] == [3, 7]
+    assert source.images[0].file_name == "train2014/COCO_train2014_000000000000.jpg"
+    assert source.images[6].file_name == "val2014/COCO_val2014_000000000006.jpg"
+    assert source.images[1].split == "train"  # restval trains
 
 
 def test_karpathy_bad_files(tmp_path):
     path = tmp_path / "dataset_coco.json"
-    path.write_text(
-        json.dumps({"images": [{"cocoid": 1, "filepath": "val2014", "filename": "x.jpg", "split": "dev"}]})
-    )
-    with pytest.raises(evaluate.InputFileError, match=r"dataset_coco.json: image 0 has split 'dev'"):
-        evaluate.load_karpathy_split(path)
-    path.write_text(json.dumps({"images": [{"cocoid": 1, "split": "val"}]}))
-    with pytest.raises(evaluate.InputFileError, match="image 0 lacks"):
-        evaluate.load_karpathy_split(path)
-    image = {"cocoid": "x1", "filepath": "val2014", "filename": "x.jpg", "split": "val"}
+    sentences = [{"raw": "a cat", "sentid": 1}]
+    path.write_text(json.dumps({"images": [
+        {"cocoid": 1, "filepath": "val2014", "filename": "x.jpg", "split": "dev", "sentences": sentences}]}))
+    with pytest.raises(evaluate.CaptionFileError, match=r"dataset_coco.json: image 0 \(x.jpg\) has split 'dev'"):
+        read_captions(path)
+    path.write_text(json.dumps({"images": [{"cocoid": 1, "split": "val", "sentences": sentences}]}))
+    with pytest.raises(evaluate.CaptionFileError, match="image 0 has no 'filename'"):
+        read_captions(path)
+    image = {"cocoid": "x1", "filepath": "val2014", "filename": "x.jpg", "split": "val", "sentences": sentences}
     path.write_text(json.dumps({"images": [image]}))
-    with pytest.raises(evaluate.InputFileError, match="image 0 lacks"):  # a cocoid must be a number
-        evaluate.load_karpathy_split(path)
+    with pytest.raises(evaluate.CaptionFileError, match="non-integer id 'x1'"):  # a cocoid must be a number
+        read_captions(path)
     path.write_text("[]")
-    with pytest.raises(evaluate.InputFileError, match="'images' list"):
-        evaluate.load_karpathy_split(path)
+    with pytest.raises(evaluate.CaptionFileError, match="dataset_coco.json: not a caption file"):
+        read_captions(path)
 
 
 # ---- captioning a split with a model: evaluate.py --models / --encoder --decoder --vocab ----
@@ -710,16 +705,16 @@ def test_split_files_of_val_and_the_karpathy_splits(tmp_path):
         assert files == [root / "images" / "val2014" / f"COCO_val2014_{n:012d}.jpg" for n in expected]
     del references[7]
     write_annotations(root / "annotations" / "captions_val2014.json", references)
-    with pytest.raises(evaluate.InputFileError, match=r"dataset_coco.json: 1 karpathy-test images are not"):
+    with pytest.raises(evaluate.CaptionFileError, match=r"dataset_coco.json: 1 karpathy-test images are not"):
         evaluate.split_files("karpathy-test", "coco", root)
-    with pytest.raises(
-        ValueError, match="unknown split 'test': expected one of val, karpathy-val, karpathy-test"
-    ):
+    with pytest.raises(ValueError, match="--split test: the coco test images have no reference captions"):
         evaluate.split_files("test", "coco", root)
+    with pytest.raises(ValueError, match="unknown split 'dev': expected one of val, test, karpathy-val, karpathy-test"):
+        evaluate.split_files("dev", "coco", root)
     sample = tmp_path / "sample"
     (sample / "annotations").mkdir(parents=True)
     write_annotations(sample / "annotations" / "captions_val.json", references)
-    with pytest.raises(ValueError, match="the Karpathy split exists for COCO only, not for 'sample'"):
+    with pytest.raises(ValueError, match="the Karpathy split exists for COCO and Karpathy's dataset_\\*.json, not for 'sample'"):
         evaluate.split_files("karpathy-val", "sample", sample)
 
 
@@ -733,7 +728,7 @@ def test_latest_weights_are_the_highest_epoch_by_number(tmp_path):
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(evaluate.InputFileError, match=f"^{empty}: no encoder-N.pkl files"):
+    with pytest.raises(evaluate.CaptionFileError, match=f"^{empty}: no encoder-N.pkl files"):
         evaluate.latest_weights(empty)
 
 
@@ -801,4 +796,4 @@ def test_cli_compares_with_a_baseline_and_prints_captions_next_to_references(
 def test_cli_karpathy_split_of_the_sample_set_is_refused(model_and_split, capsys):
     code, out, err = run_cli(capsys, *model_args(model_and_split), "--split", "karpathy-test")
     assert code == 2 and out == "" and "Traceback" not in err
-    assert err.splitlines()[-1] == "error: the Karpathy split exists for COCO only, not for 'sample'"
+    assert err.splitlines()[-1] == "error: the Karpathy split exists for COCO and Karpathy's dataset_*.json, not for 'sample'"

@@ -68,6 +68,7 @@ def make_archives() -> dict[str, bytes]:
         "caption_datasets.zip": make_zip({
             "dataset_coco.json": json.dumps(karpathy).encode(),
             "dataset_flickr8k.json": b'{"images": []}',
+            "readme.txt": b"not wanted",
         }),
         **{f"{split}.zip": data for split, data in images.items()},
     }
@@ -175,7 +176,8 @@ def test_full_run_produces_layout_and_rerun_downloads_nothing(tmp_path, server, 
     assert (annotations / "instances_val2014.json").is_file()  # the other files of the zip come along
     assert "images" in json.loads((annotations / "image_info_test2014.json").read_text())
     assert json.loads((annotations / "dataset_coco.json").read_text())["dataset"] == "coco"
-    assert not (annotations / "dataset_flickr8k.json").exists()
+    assert (annotations / "dataset_flickr8k.json").is_file()  # for `prepare_data.py flickr8k` later
+    assert not (annotations / "readme.txt").exists()
     assert sorted(server.names()) == sorted(server.files)
     leftovers = [p.name for p in (root / "downloads").iterdir() if not p.name.endswith(".zip.done")]
     assert leftovers == []  # zips removed after unpacking, no .part or .tmp left
