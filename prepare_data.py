@@ -404,13 +404,12 @@ def run_coco(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     """The `sample` subcommand: write the small generated dataset (with --spatial, its spatial variant)."""
-    from sample_data import make_sample_dataset
+    from sample_data import flickr_copy, make_sample_dataset
 
-    if args.spatial:
-        root = args.root or Path("data/sample-spatial")
-        print(make_sample_dataset(root, seed=args.seed, variant="spatial"))
-    else:
-        print(make_sample_dataset(args.root or Path("data/sample"), seed=args.seed))
+    root = args.root or Path("data/sample-spatial" if args.spatial else "data/sample")
+    print(make_sample_dataset(root, seed=args.seed, variant="spatial" if args.spatial else "plain"))
+    if args.flickr_copy:
+        print(f"{flickr_copy(root, args.flickr_copy, args.flickr_layout)}: a {args.flickr_layout} Flickr8k-style copy")
     return 0
 
 
@@ -615,6 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--spatial", action="store_true",
                         help="the spatial variant: 128 px, captions say left / right / above / below / corner "
                              "(never train it with mirrored views)")
+    sample.add_argument("--flickr-copy", type=Path, metavar="DIR",
+                        help="also write its train and val images as a Flickr8k-style copy into DIR (to try the "
+                             "flickr8k commands without Flickr)")
+    sample.add_argument("--flickr-layout", choices=("kaggle", "original", "karpathy"), default="kaggle",
+                        help="kaggle: Images/ + captions.txt; original: Flicker8k_Dataset/ + Flickr8k.token.txt + "
+                             "the split lists; karpathy: images/ + dataset_flickr8k.json (default: kaggle)")
     sample.set_defaults(run=run_sample)
     for name in FLICKR_IMAGES:
         _add_flickr_command(commands, name)

@@ -544,3 +544,46 @@ def make_sample_dataset(root: str | Path, seed: int = 0, n_train: int = 3000, n_
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return {**stats, "root": str(root), "created": True, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def flickr_copy(sample_root: str | Path, out: str | Path, layout: str = "kaggle", test_share: int = 2) -> Path:
+    """A Flickr8k-like copy of a generated sample set's train and val images (names and captions kept), laid out
+    as the shared copies are: 'kaggle' (Images/ + captions.txt), 'original' (Flicker8k_Dataset/ +
+    Flickr8k.token.txt + the Flickr_8k.*Images.txt lists) or 'karpathy' (images/ + dataset_flickr8k.json, with
+    restval). Every `test_share`-th val image is a test image. Returns the folder of the caption file."""
+    sample_root, out = Path(sample_root), Path(out)
+    records = []  # (split, file name, captions)
+    for split in ("train", "val"):
+        data = json.loads((sample_root / f"annotations/captions_{split}.json").read_text())
+        captions: dict[int, list[str]] = {}
+        for ann in data["annotations"]:
+            captions.setdefault(ann["image_id"], []).append(ann["caption"])
+        for index, image in enumerate(sorted(data["images"], key=lambda i: i["id"])):
+            name = "test" if split == "val" and index % test_share == 0 else split
+            if split == "train" and index % 5 == 4:
+                name = "restval"
+            records.append((name, image["file_name"], captions[image["id"]], sample_root / "images" / split))
+    folder = {"kaggle": "Images", "original": "Flicker8k_Dataset", "karpathy": "images"}[layout]
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    for _, name, _, source in records:
+        shutil.copy(source / name, out / folder / name)
+    if layout == "kaggle":
+        lines = ["image,caption"] + [f'{name},"{c}"' for _, name, caps, _ in records for c in caps]
+        (out / "captions.txt").write_text("\n".join(lines) + "\n")
+    elif layout == "original":
+        lines = [f"{name}#{k}\t{c}" for _, name, caps, _ in records for k, c in enumerate(caps)]
+        (out / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+        for split, list_name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+            names = [name for s, name, _, _ in records if s == split or (split == "train" and s == "restval")]
+            (out / f"Flickr_8k.{list_name}.txt").write_text("\n".join(names) + "\n")
+    else:
+        images, sentence_id = [], 0
+        for index, (split, name, caps, _) in enumerate(records):
+            sentences = []
+            for c in caps:
+                sentences.append({"raw": c, "tokens": c.lower().split(), "imgid": index, "sentid": sentence_id})
+                sentence_id += 1
+            images.append({"filename": name, "imgid": index, "split": split, "sentences": sentences,
+                           "sentids": [s["sentid"] for s in sentences]})
+        (out / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    return out

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_flickr_copy
 
 import caption
 import evaluate
@@ -20,7 +19,7 @@ import vocabulary
 from caption_sources import CaptionFileError, assign_splits, caption_splits, load_coco, read_captions
 from data_loader import BucketBatchSampler, locate_caption_file, split_files
 from datasets import build_vocabulary, caption_table, read_split
-from sample_data import make_sample_dataset
+from sample_data import flickr_copy, make_sample_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(image_size=32, embed_size=32, hidden_size=48, epochs=2, batch_size=32, num_workers=0, log_every=5)
@@ -32,7 +31,7 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "caption-sources"
     make_sample_dataset(root / "sample", n_train=150, n_val=30, n_test=2)
     for layout in ("kaggle", "original", "karpathy"):
-        make_flickr_copy(root / "sample", root / layout, layout)
+        flickr_copy(root / "sample", root / layout, layout)
     return root
 
 

@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from sample_data import make_sample_dataset
+from sample_data import flickr_copy, make_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(REPO.glob("*.ipynb"))
@@ -55,18 +55,34 @@ def repository_copy(dest: Path, shared: dict[str, Path]) -> Path:
 @pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
 def test_notebook_runs_on_the_sample_set(path: Path, shared: dict[str, Path], tmp_path: Path):
     copy = repository_copy(tmp_path / "repo", shared)
-    nb = nbformat.read(copy / path.name, as_version=4)
+    nb = execute(copy / path.name, copy, "sample", shared)
+    outputs = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert any("image/png" in output.get("data", {}) for output in outputs), f"{path.name} showed no figure"
+
+
+def execute(path: Path, copy: Path, data: str, shared: dict[str, Path]) -> nbformat.NotebookNode:
+    """The notebook run top to bottom in the repository copy with CAPTION_DATA=data; a failing cell fails the test."""
+    nb = nbformat.read(path, as_version=4)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # import from the copy only
-    env.update(CAPTION_DATA="sample", CAPTION_CACHE_DIR=str(shared["cache"]), MPLBACKEND=INLINE_BACKEND)
+    env.update(CAPTION_DATA=data, CAPTION_CACHE_DIR=str(shared["cache"]), MPLBACKEND=INLINE_BACKEND)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(copy)}})
     try:
         client.execute(env=env, cwd=str(copy))
     except CellExecutionError as e:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # IPython colours the traceback
-        pytest.fail(f"{path.name} failed on the sample set:\n{plain}", pytrace=False)
-    outputs = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]
-    assert any("image/png" in output.get("data", {}) for output in outputs), f"{path.name} showed no figure"
+        pytest.fail(f"{path.name} failed with CAPTION_DATA={data}:\n{plain}", pytrace=False)
+    return nb
+
+
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)
+def test_dataset_notebook_takes_a_captions_txt_folder(shared: dict[str, Path], tmp_path: Path):
+    """CAPTION_DATA may be the path of a folder laid out like Kaggle's Flickr8k (captions.txt + Images/)."""
+    copy = repository_copy(tmp_path / "repo", shared)
+    folder = flickr_copy(shared["sample"], tmp_path / "my-flickr", "kaggle")
+    nb = execute(copy / "0_Dataset.ipynb", copy, str(folder), shared)
+    printed = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert "captions.txt: captions-csv, 3,250 images" in printed and "split deterministically by image" in printed
 
 
 @pytest.mark.skipif(not NOTEBOOKS, reason="no notebooks in the repository")
