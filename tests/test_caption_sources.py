@@ -272,3 +272,23 @@ def test_notebook_config_takes_a_name_or_a_path(base):
     assert cfg.out_dir == "models/kaggle" and cfg.data == "captions" and cfg.image_size == 224
     assert notebook_config("sample").out_dir == "models/sample"
     assert notebook_config("flickr8k", decoder="attention").out_dir == "models/flickr8k-attention"
+
+
+def test_data_flickr8k_trains_from_its_folder_and_flags_are_checked(base, tmp_path, capsys):
+    """--data flickr8k reads data/flickr8k (here --data-root) with the flickr8k preset; --captions needs --images."""
+    from config import TrainConfig, resolve_config
+
+    cfg = resolve_config(TrainConfig(data="flickr8k"))
+    assert (cfg.image_size, cfg.vocab_threshold, cfg.pretrained, cfg.out_dir) == (224, 5, True, "models/flickr8k")
+    assert cfg.data_root.endswith("data/flickr8k")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (TINY | {"epochs": 1, "vocab_threshold": 2}).items()]
+    code = train.main(["--data", "flickr8k", "--data-root", str(base / "karpathy"), "--no-pretrained", "--no-mirror",
+                       "--out-dir", str(tmp_path / "out"), "--cache-dir", str(base / "features"), *flags])
+    assert code == 0 and "split as Karpathy's split" in capsys.readouterr().out
+    assert (tmp_path / "out" / "encoder-1.pkl").is_file()
+    assert train.main(["--captions", str(base / "kaggle/captions.txt"), "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--captions FILE and --images DIR go together" in capsys.readouterr().err
+    assert train.main(["--data", "captions"]) == 2
+    assert "--data captions: give the caption file" in capsys.readouterr().err
+    code = train.main(["--data", "sample", "--captions", str(tmp_path / "none.txt"), "--images", str(tmp_path)])
+    assert code == 2 and "none.txt: caption file not found" in capsys.readouterr().err
