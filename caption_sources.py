@@ -140,17 +140,23 @@ def _check_coco(dataset, annotations_file: str | os.PathLike) -> None:
 # ---- Plain JSON: results and references, for scoring ----
 
 
-def read_json(path: str | Path) -> object:
-    """Parsed JSON of a file, or CaptionFileError with a one-line reason."""
+def read_text(path: str | Path, expected: str) -> str:
+    """A file's UTF-8 text (a byte-order mark dropped), or CaptionFileError saying why not and what was `expected`."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise CaptionFileError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise CaptionFileError(f"{path}: is a directory, expected a JSON file") from None
+        raise CaptionFileError(f"{path}: is a directory, expected {expected}") from None
     except UnicodeDecodeError:
-        raise CaptionFileError(f"{path}: not UTF-8 text, expected a JSON file") from None
+        raise CaptionFileError(f"{path}: not UTF-8 text, expected {expected}") from None
+
+
+def read_json(path: str | Path) -> object:
+    """Parsed JSON of a file, or CaptionFileError with a one-line reason."""
+    text = read_text(path, "a JSON file")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise CaptionFileError(
             f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
@@ -202,14 +208,7 @@ def references_from_coco(path: str | Path) -> dict[int, list[str]]:
 def read_captions(path: str | os.PathLike) -> CaptionSource:
     """The images and captions of a caption file of any of the four formats, told from its content."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise CaptionFileError(f"{path}: caption file not found") from None
-    except IsADirectoryError:
-        raise CaptionFileError(f"{path}: is a folder, expected a caption file") from None
-    except UnicodeDecodeError:
-        raise CaptionFileError(f"{path}: not UTF-8 text, so none of the caption file formats") from None
+    text = read_text(path, "a caption file")
     if text.lstrip().startswith("{"):
         return _read_json_source(path, text)
     first = text.lstrip("\n").split("\n", 1)[0]

@@ -93,11 +93,8 @@ PRESETS: dict[str, dict] = {
         image_size=224, vocab_threshold=5, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
         num_layers=2, dropout=0.3, epochs=10, batch_size=128, lr=1e-3, grid=7, attention_size=512,
     ),
-    "flickr30k": dict(
-        image_size=224, vocab_threshold=5, pretrained=True, mirror=True, embed_size=512, hidden_size=512,
-        num_layers=2, dropout=0.3, epochs=6, batch_size=256, lr=1e-3, grid=7, attention_size=512,
-    ),
 }
+PRESETS["flickr30k"] = PRESETS["flickr8k"] | dict(epochs=6, batch_size=256)  # five times the captions
 PRESETS["captions"] = PRESETS["flickr8k"]  # --captions FILE without --data: a real dataset of Flickr8k's size
 CAPTION_FILE_DATA = ("flickr8k", "flickr30k")  # folders laid out by prepare_data.py around a caption file
 DECODERS = ("lstm", "attention")

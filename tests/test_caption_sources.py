@@ -291,4 +291,4 @@ def test_data_flickr8k_trains_from_its_folder_and_flags_are_checked(base, tmp_pa
     assert train.main(["--data", "captions"]) == 2
     assert "--data captions: give the caption file" in capsys.readouterr().err
     code = train.main(["--data", "sample", "--captions", str(tmp_path / "none.txt"), "--images", str(tmp_path)])
-    assert code == 2 and "none.txt: caption file not found" in capsys.readouterr().err
+    assert code == 2 and "none.txt: no such file" in capsys.readouterr().err
