@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import functools
 import io
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -262,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"loaded {model.description}", file=sys.stderr)
         demo = build_app(model, args.beam, examples)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does, tidily
         try:
             serve(demo, args.host, args.port, allowed=[path.parent for path in examples])
         except OSError as e:  # the port is taken, the address is not this machine's
