@@ -34,7 +34,7 @@ import caption
 from config import positive_int
 from evaluate import latest_weights
 from image_io import UnreadableImage, load_image, resize_side
-from model import AttentionDecoder, DecoderRNN, EncoderCNN, load_pretrained
+from model import AttentionDecoder, DecoderRNN, EncoderCNN, GridEncoder, load_pretrained
 from sample_data import make_sample_dataset
 from vocabulary import Vocabulary
 
@@ -49,8 +49,8 @@ N_EXAMPLES = 4
 class Model(NamedTuple):
     """A loaded captioner, and the line the page describes it with."""
 
-    encoder: EncoderCNN
-    decoder: DecoderRNN
+    encoder: EncoderCNN | GridEncoder
+    decoder: DecoderRNN | AttentionDecoder
     vocab: Vocabulary
     description: str
 
