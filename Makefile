@@ -1,4 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both create and use .venv.
+# `make serve` starts the web demo (app.py) on the sample model, training it first when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 SAMPLE := data/sample
 DEMO_OUT := models/sample
 
-.PHONY: setup demo spatial test lint format coco bench strip-notebooks clean
+.PHONY: setup sample-model demo serve spatial browser test lint format coco bench strip-notebooks clean
 
 setup: $(STAMP)
 
@@ -16,9 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-demo: setup
+sample-model: setup
 	$(PY) prepare_data.py sample --root $(SAMPLE)
 	$(PY) train.py --data sample --out-dir $(DEMO_OUT)
+
+demo: sample-model
 	$(PY) train.py --data sample --blind --out-dir $(DEMO_OUT)-blind
 	$(PY) evaluate.py --data sample --split val --models $(DEMO_OUT) --baseline $(DEMO_OUT)-blind --examples 3
 
@@ -30,7 +33,22 @@ spatial: setup
 	$(PY) evaluate.py --data sample-spatial --split val --models models/sample-spatial-attention \
 		--baseline models/sample-spatial --examples 3
 
-test: setup
+# The web demo on http://127.0.0.1:7860 (Ctrl-C stops it); the sample model is trained only when it has no weights.
+serve: setup $(if $(wildcard $(DEMO_OUT)/encoder-*.pkl),,sample-model)
+	$(PY) app.py --models $(DEMO_OUT)
+
+# Debian's chromium and chromium-driver for the browser tests (tests/test_app.py): installed when missing, where
+# apt-get is there and we are root. Never fails: without them the browser tests skip, or fail under CI=true.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+		(export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && \
+		 apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "warning: apt-get could not install chromium and chromium-driver: the browser tests cannot run"; \
+	else echo "note: no /usr/bin/chromium or /usr/bin/chromedriver (as root: make browser), the browser tests skip"; fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

@@ -18,10 +18,12 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 from torchvision import transforms
 from tqdm.auto import tqdm
 
@@ -30,7 +32,7 @@ from config import add_captioning_options, positive_int
 from data_loader import DATA_ROOTS, EVAL_SPLITS, split_files
 from decoding import END_ID
 from fileio import atomic_write
-from image_io import UnreadableImage, image_batches, load_image, resize_side
+from image_io import UnreadableImage, build_transform, image_batches, load_image, resize_side
 from model import AttentionDecoder, DecoderRNN, EncoderCNN, GridEncoder, load_pretrained, resolve_device
 from plots import plot_attention, save_figure
 from vocabulary import Vocabulary
@@ -97,6 +99,49 @@ def caption_image_files(
             for index, ids in zip(indices[ok].tolist(), sequences, strict=True):
                 captions[index] = vocab.decode(ids)
     return captions
+
+
+@dataclass
+class ImageCaptions:
+    """One image's captions: the beam-search one, the greedy one, and the best beams with their log-probabilities."""
+
+    caption: str
+    greedy: str
+    beams: list[tuple[str, float]]
+
+
+@torch.no_grad()
+def caption_images(
+    encoder: EncoderCNN,
+    decoder: DecoderRNN,
+    vocab: Vocabulary,
+    images: Sequence[Image.Image],
+    beam_size: int = 3,
+    top_n: int | None = None,
+    max_len: int = 20,
+    image_size: int | None = None,
+) -> list[ImageCaptions]:
+    """Captions of loaded RGB images in one batch (what `caption_image_files` writes for the same pixels, with the
+    same beam size), the greedy captions, and each image's `top_n` best beams (default all `beam_size`).
+
+    Load files with `image_io.load_image(path, resize_side(image_size))`, as `caption_image_files` does.
+    """
+    image_size = image_size or encoder.image_size
+    device = next(encoder.parameters()).device
+    if not images:
+        return []
+    transform = build_transform(image_size)
+    with eval_mode(encoder, decoder):
+        features = encoder(torch.stack([transform(image) for image in images]).to(device))
+        greedy = decode_features(decoder, features, 1, max_len, vocab.end_id)
+        ranked = decoding.beam_search(decoder, features, beam_size, max_len, top_n=top_n or beam_size,
+                                      end_id=vocab.end_id)
+    results = []
+    for greedy_ids, beams in zip(greedy, ranked, strict=True):
+        best = greedy_ids if beam_size == 1 else beams[0][0]  # as decode_features: beam size 1 is greedy
+        results.append(ImageCaptions(vocab.decode(best), vocab.decode(greedy_ids),
+                                     [(vocab.decode(ids), score) for ids, score in beams]))
+    return results
 
 
 @torch.no_grad()
