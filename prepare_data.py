@@ -404,12 +404,17 @@ def run_coco(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     """The `sample` subcommand: write the small generated dataset (with --spatial, its spatial variant)."""
-    from sample_data import flickr_copy, make_sample_dataset
+    import sample_data
 
-    root = args.root or Path("data/sample-spatial" if args.spatial else "data/sample")
-    print(make_sample_dataset(root, seed=args.seed, variant="spatial" if args.spatial else "plain"))
+    if args.spatial:
+        root = args.root or Path("data/sample-spatial")
+        print(sample_data.make_sample_dataset(root, seed=args.seed, variant="spatial"))
+    else:
+        root = args.root or Path("data/sample")
+        print(sample_data.make_sample_dataset(root, seed=args.seed))
     if args.flickr_copy:
-        print(f"{flickr_copy(root, args.flickr_copy, args.flickr_layout)}: a {args.flickr_layout} Flickr8k-style copy")
+        copy = sample_data.flickr_copy(root, args.flickr_copy, args.flickr_layout)
+        print(f"{copy}: a {args.flickr_layout} Flickr8k-style copy")
     return 0
 
 
